@@ -1,0 +1,20 @@
+"""Engine configuration: one dataclass, filled from CLI flags or EMBER_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # GGUF file or Hugging Face folder; None = the bundled SmolLM2
+    device: str = "auto"  # "auto" picks cuda when available
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_mb: int = 512  # budget that sizes the number of KV blocks
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 512  # tokens per forward pass (prefill chunk budget)
+    max_model_len: int | None = None  # defaults to the model's context length
+    enable_prefix_caching: bool = True
+    seed: int = 0  # base for requests without a seed
