@@ -1,0 +1,113 @@
+"""Paged KV blocks with automatic prefix caching.
+
+A full block is identified by a hash chained over every token before it, so equal prefixes map to
+equal blocks. Blocks are reference counted; a block whose count drops to zero keeps its contents
+and its hash and waits in an LRU free list, where a later request with the same prefix can revive
+it, until the allocator needs it for something else.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ember.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_keys: list[tuple | None] = [None] * num_blocks  # (parent hash, tokens) of full blocks
+        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def _chain(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple]]:
+        """(hash, key) of the first `num_blocks` full blocks of token_ids."""
+        out, parent, bs = [], 0, self.block_size
+        for i in range(num_blocks):
+            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+            parent = hash(key)
+            out.append((parent, key))
+        return out
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold a prefix of seq, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h, key in self._chain(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
+            block = self.cached.get(h)
+            if block is None or self.block_keys[block] != key:
+                break
+            hits.append(block)
+        return hits
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        key = self.block_keys[block]
+        if key is not None:  # evicting cached contents
+            h = hash(key)
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_keys[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Attach cached prefix blocks and allocate room for the first chunk, or change nothing."""
+        hits = self._lookup(seq)
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)
+        computed = len(hits) * self.block_size
+        new_tokens = min(num_new_tokens, seq.num_tokens - computed)
+        needed = -(-(computed + new_tokens) // self.block_size) - len(hits)
+        if needed > self.num_free_blocks - revived:
+            return False
+        for b in hits:
+            if self.ref_counts[b] == 0:
+                del self.free[b]
+            self.ref_counts[b] += 1
+        seq.block_table = hits + [self._take_free() for _ in range(needed)]
+        seq.num_computed_tokens = computed
+        return True
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens) <= self.num_free_blocks
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)):
+            seq.block_table.append(self._take_free())
+
+    def commit(self, seq: Sequence, old_computed: int) -> None:
+        """Publish blocks that became full (and so immutable) in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        first, last = old_computed // self.block_size, seq.num_computed_tokens // self.block_size
+        if last <= first:
+            return
+        for i, (h, key) in enumerate(self._chain(seq.token_ids, last)[first:], start=first):
+            block = seq.block_table[i]
+            if self.block_keys[block] is None:
+                self.block_keys[block] = key
+                self.cached.setdefault(h, block)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop seq's references; freed blocks keep their cached contents until reused (LRU)."""
+        for block in reversed(seq.block_table):  # tail first: the prefix is the likelier reuse
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,267 @@
+"""The engine: `step()` = schedule → run → sample → postprocess, and a thread that drives it for asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.config import EngineConfig
+from ember.engine.request import SamplingParams, StepOutput
+from ember.engine.runner import ModelRunner
+from ember.engine.sampler import SamplingBatch, sample
+from ember.engine.scheduler import Scheduler
+from ember.engine.sequence import Sequence
+from ember.models.llama import LlamaModel
+from ember.models.loader import LoadedWeights
+
+log = logging.getLogger("ember.engine")
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters; tests and /stats read them to see batching and caching at work."""
+
+    steps: int = 0
+    scheduled_seqs: int = 0  # summed over steps: > steps means sequences shared forward passes
+    max_batch_seqs: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (not served from the cache)
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    requests: int = 0
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, config.dtype)
+
+
+class LLMEngine:
+    """Synchronous core: add requests, call step(), collect outputs. Not thread-safe on its own."""
+
+    def __init__(self, config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> None:
+        self.config = config
+        self.eos_token_ids = set(eos_token_ids)
+        device, dtype = resolve_device(config)
+        self.device = device
+        self.model = LlamaModel(weights.config, weights.tensors, device, dtype)
+        per_block = ModelRunner.kv_bytes_per_block(weights.config, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+        self.max_model_len = min(weights.config.max_position_embeddings,
+                                 config.max_model_len or weights.config.max_position_embeddings,
+                                 num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.seqs: dict[str, Sequence] = {}
+        self.counters = EngineCounters()
+        self._seed_rng = random.Random(config.seed)
+        log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
+                                        "max_model_len": self.max_model_len})
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what could never run; the serving layer turns these into 400s before they get here."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
+                             f"{self.max_model_len} including at least one generated token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.counters.requests += 1
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        sampling = [item for item in batch if item.samples]
+        tokens = sample(logits, SamplingBatch.build([i.seq.params for i in sampling],
+                                                    [i.seq.generator for i in sampling],
+                                                    self.device)).tolist() if sampling else []
+        c = self.counters
+        c.steps += 1
+        c.scheduled_seqs += len(batch)
+        c.max_batch_seqs = max(c.max_batch_seqs, len(batch))
+        for item in batch:
+            seq = item.seq
+            old = seq.num_computed_tokens
+            seq.num_computed_tokens += item.num_new_tokens
+            if old < seq.num_prompt_tokens:
+                c.prompt_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens) - old
+            self.block_manager.commit(seq, old)
+        outputs = []
+        for item, token in zip(sampling, tokens, strict=True):
+            seq = item.seq
+            first = seq.num_output_tokens == 0
+            seq.token_ids.append(token)
+            c.generated_tokens += 1
+            if first:
+                c.cached_tokens += seq.num_cached_tokens
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.remove(seq)
+                del self.seqs[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason,
+                                      seq.num_prompt_tokens, seq.num_cached_tokens))
+        return outputs
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {**vars(self.counters), "num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting), "kv_blocks_used": bm.num_used_blocks,
+                "kv_blocks_total": bm.num_blocks, "preemptions": self.scheduler.num_preemptions}
+
+
+class AsyncEngine:
+    """Runs an LLMEngine in its own thread (torch releases the GIL in kernels) for asyncio callers.
+
+    Requests and aborts go in through a locked list; each step's outputs come back to every caller's
+    asyncio.Queue with one `call_soon_threadsafe` per event loop.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._commands: list[tuple] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _submit(self, command: tuple) -> None:
+        with self._lock:
+            self._commands.append(command)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[StepOutput]:
+        """Stream the sequence's tokens; closing or cancelling the iterator aborts it at the next step."""
+        self.engine.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._submit(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _deliver(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for out in outputs:
+            request_id, item = (out.request_id, out) if isinstance(out, StepOutput) else out
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _apply(self, command: tuple) -> tuple[str, BaseException] | None:
+        if command[0] == "abort":
+            self.engine.abort(command[1])
+            return None
+        _, request_id, prompt, params = command
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except ValueError as exc:
+            return (request_id, exc)
+        return None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                commands, self._commands = self._commands, []
+            failures = [f for f in map(self._apply, commands) if f is not None]
+            if failures:
+                self._deliver(failures)
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug: fail every request in flight rather than hang them
+                log.exception("engine step failed")
+                outputs = [(rid, RuntimeError(f"engine failure: {exc}")) for rid in list(self.engine.seqs)]
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+            self._deliver(outputs)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def build_async_engine(config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> AsyncEngine:
+    return AsyncEngine(LLMEngine(config, weights, eos_token_ids))
