@@ -8,6 +8,7 @@ import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,9 @@ from ember.engine.sampler import SamplingBatch, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
 from ember.models.llama import LlamaModel
-from ember.models.loader import LoadedWeights
+
+if TYPE_CHECKING:
+    from ember.models.loader import LoadedWeights
 
 log = logging.getLogger("ember.engine")
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.sequence import Sequence, SeqStatus
+from ember.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
