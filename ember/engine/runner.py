@@ -7,6 +7,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ember.engine.scheduler import ScheduledSeq
 from ember.models.attention import AttentionMetadata
+from ember.models.config import ModelConfig
 from ember.models.llama import LlamaModel
 
 
@@ -14,9 +15,8 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
-        self._offsets = torch.arange(block_size)
         cfg, device = model.config, model.device
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device),
              torch.zeros(shape, dtype=model.dtype, device=device))
@@ -24,52 +24,49 @@ class ModelRunner:
         ]
 
     @staticmethod
-    def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
-        return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
-
-    def _slots(self, block_table: list[int], end: int) -> torch.Tensor:
-        """Cache slots of positions [0, end) of a sequence (on the CPU)."""
-        blocks = torch.tensor(block_table[: -(-end // self.block_size)], dtype=torch.long)
-        return (blocks.unsqueeze(1) * self.block_size + self._offsets).flatten()[:end]
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                           torch.Tensor]:
-        """Input ids, positions, attention metadata and the rows whose logits are needed."""
-        device = self.model.device
+        """Input ids, positions, attention metadata and the rows whose logits are needed.
+
+        The scheduler puts single-token items first, so decode rows are the batch's leading rows.
+        """
+        device, bs = self.model.device, self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[torch.Tensor] = []
-        decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
-        prefills: list[tuple[int, int, torch.Tensor]] = []
+        slots: list[torch.Tensor] = []
+        decode_blocks: list[torch.Tensor] = []
+        decode_lengths: list[int] = []
+        prefills: list[tuple[int, int, int, torch.Tensor]] = []
         logit_rows: list[int] = []
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
-            row = len(input_ids)
+            blocks = torch.tensor(seq.block_table[:-(-end // bs)], dtype=torch.long)
+            offsets = torch.arange(start, end)
+            slots.append(blocks[offsets // bs] * bs + offsets % bs)
+            if item.num_new_tokens == 1:
+                assert not prefills, "decodes must precede prefill chunks in a scheduled batch"
+                decode_blocks.append(blocks)
+                decode_lengths.append(end)
+            else:
+                prefills.append((len(input_ids), item.num_new_tokens, end, blocks.to(device)))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            context = self._slots(seq.block_table, end)
-            slot_mapping.append(context[start:])
-            if item.num_new_tokens == 1:
-                decode_rows.append(row)
-                decode_slots.append(context)
-            else:
-                prefills.append((row, item.num_new_tokens, context.to(device)))
             if item.samples:
                 logit_rows.append(len(input_ids) - 1)
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(device),
-            decode_rows=None, decode_slots=None, decode_mask=None, prefills=prefills,
+            slot_mapping=torch.cat(slots).to(device),
+            num_decodes=len(decode_blocks), decode_blocks=None, decode_mask=None, prefills=prefills,
         )
-        if decode_rows:
-            width = max(len(s) for s in decode_slots)
-            lengths = torch.tensor([len(s) for s in decode_slots], device=device)
-            meta.decode_rows = torch.tensor(decode_rows, device=device)
-            meta.decode_slots = pad_sequence(decode_slots, batch_first=True).to(device)
-            meta.decode_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1))[
-                :, None, None, :]
+        if decode_blocks:
+            meta.decode_blocks = pad_sequence(decode_blocks, batch_first=True).to(device)
+            width = meta.decode_blocks.shape[1] * bs
+            lengths = torch.tensor(decode_lengths, device=device)
+            meta.decode_mask = (torch.arange(width, device=device) < lengths.unsqueeze(1))[:, None, None, :]
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(logit_rows, device=device, dtype=torch.long))
 

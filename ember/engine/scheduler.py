@@ -91,4 +91,5 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, min(seq.num_tokens - seq.num_computed_tokens, budget())))
+        scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # the runner batches leading decodes together
         return scheduled
