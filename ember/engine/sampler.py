@@ -47,6 +47,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     """
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    off = (k == vocab) & (top_p >= 1)
     probs = logits.softmax(-1)
     window = min(_FIRST_WINDOW, vocab)
     while True:
@@ -59,14 +60,15 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
         total = torch.where(k_inside, cumulative[:, -1], 1.0).unsqueeze(1)
         limit = top_p.unsqueeze(1) * total
         nucleus_inside = cumulative[:, -1:] >= limit
-        fits = k_inside | ((k == vocab) & nucleus_inside.squeeze(1))
+        fits = off | k_inside | ((k == vocab) & nucleus_inside.squeeze(1))
         if bool(fits.all()) or window == vocab:
             break
         window = min(window * 4, vocab)
     keep = in_k & (cumulative - kept < limit)  # the mass before a token is still short of p
+    keep[:, 0] = True  # top_p = 0 still keeps the most likely token
     masked = torch.full_like(logits, float("-inf"))
     masked.scatter_(1, top_ids, torch.where(keep, logits.gather(1, top_ids), float("-inf")))
-    return masked
+    return torch.where(off.unsqueeze(1), logits, masked)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
