@@ -23,14 +23,13 @@ def make_hf_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.M
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=EOS)
     common.update(overrides)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
+    model_class, config_class = (Qwen2ForCausalLM, Qwen2Config) if arch == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    model = model_class(config_class(**common))
     # random init is near-uniform; sharpen it so greedy decoding is not a coin flip of ties
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
+            if p.dim() > 1:
+                p.mul_(4.0)
     return model.eval()
 
 
