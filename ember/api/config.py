@@ -1,0 +1,14 @@
+"""HTTP server configuration: one dataclass, filled from CLI flags or EMBER_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: smollm2-135m-instruct, or the model file's stem
+    generation_config: str | None = None  # JSON file of sampling defaults (for GGUF models)
+    log_level: str = "warning"
