@@ -1,201 +1,753 @@
-"""Tokenizer and chat template from the model file, and incremental detokenisation.
+"""Tokenizer, chat template and streaming detokenizer, from a GGUF file or a Hugging Face folder.
 
-Built on the Rust `tokenizers` library, not transformers: importing transformers costs seconds of
-server start-up. A GGUF carries no tokenizer.json, so its vocabulary, merges and token types are
-assembled into a byte-level BPE with the pre-tokenizer llama.cpp uses for the file's `pre` type.
+Everything runs on the Rust `tokenizers` library plus Jinja2. transformers is never imported at
+runtime: importing it costs seconds and the server must start fast. A GGUF carries no
+`tokenizer.json`, so we rebuild the equivalent one from llama.cpp's `tokenizer.ggml.*` metadata,
+reading only the metadata section of the file (tensor data is never touched).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import mmap
+import struct
 from collections.abc import Sequence
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-from tokenizers import Tokenizer as RustTokenizer
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _RustTokenizer
 
-from ember.models.gguf_file import gguf_field, open_gguf
+logger = logging.getLogger(__name__)
 
-# llama.cpp's split regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`; absent = GPT-2's own.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_SPLITS: dict[str, list[str]] = {
-    "smollm": [r"\p{N}", _GPT2_SPLIT],  # SmolLM's tokenizer.json: single digits, then GPT-2
-    "llama3": [_LLAMA3_SPLIT], "llama-bpe": [_LLAMA3_SPLIT], "smaug-bpe": [_LLAMA3_SPLIT],
-    "qwen2": [_QWEN2_SPLIT], "deepseek-r1-qwen": [_QWEN2_SPLIT],
-}
-_CONTROL, _USER_DEFINED = 3, 4
-_FALLBACK_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# ---------------------------------------------------------------------------------------------------------
+# GGUF metadata
+# ---------------------------------------------------------------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "u1",
+               10: "u8", 11: "i8", 12: "f8"}
 
 
-class Tokenizer:
-    def __init__(self, backend: RustTokenizer, *, bos_token: str | None, eos_token: str | None,
-                 eos_token_ids: list[int], chat_template: str | None, add_bos: bool) -> None:
-        self.backend = backend
-        self.bos_token = bos_token
-        self.eos_token = eos_token
-        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
-        self.eos_token_ids = eos_token_ids
-        self.chat_template = chat_template
-        self.add_bos = add_bos
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Key/value metadata of a GGUF file, without parsing its tensor table.
 
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        return cls._from_hf(path) if path.is_dir() else cls.from_gguf_reader(open_gguf(path))
-
-    @classmethod
-    def from_gguf_reader(cls, reader) -> Tokenizer:
-        kind = gguf_field(reader, "tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (byte-level BPE 'gpt2' is supported)")
-        tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens")
-        types: list[int] = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
-        backend = RustTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                           fuse_unk=False))
-        splits = _PRE_SPLITS.get(gguf_field(reader, "tokenizer.ggml.pre", "default"), [_GPT2_SPLIT])
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, k in zip(tokens, types, strict=True) if k == _CONTROL])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED])
-
-        def token(key: str) -> str | None:
-            i = gguf_field(reader, f"tokenizer.ggml.{key}")
-            return None if i is None else tokens[i]
-
-        bos, eos = token("bos_token_id"), token("eos_token_id")
-        add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False))
-        if add_bos and bos is not None:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", special_tokens=[(bos, tokens.index(bos))])
-        eos_ids = [i for i in (gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
-                   if i is not None]
-        return cls(backend, bos_token=bos, eos_token=eos, eos_token_ids=sorted(set(eos_ids)),
-                   chat_template=gguf_field(reader, "tokenizer.chat_template"), add_bos=add_bos)
-
-    @classmethod
-    def _from_hf(cls, folder: Path) -> Tokenizer:
-        backend = RustTokenizer.from_file(str(folder / "tokenizer.json"))
-        config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-        def name(key: str) -> str | None:
-            value = config.get(key)
-            return value.get("content") if isinstance(value, dict) else value
-
-        bos, eos = name("bos_token"), name("eos_token")
-        eos_ids = {backend.token_to_id(eos)} if eos else set()
-        gen_file = folder / "generation_config.json"
-        if gen_file.is_file():
-            gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
-            eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        template = config.get("chat_template")
-        template_file = folder / "chat_template.jinja"
-        if template is None and template_file.is_file():
-            template = template_file.read_text()
-        add_bos = bool(bos) and len(backend.encode("a").ids) > len(backend.encode("a", add_special_tokens=False).ids)
-        return cls(backend, bos_token=bos, eos_token=eos, eos_token_ids=sorted(i for i in eos_ids if i is not None),
-                   chat_template=template, add_bos=add_bos)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes a token stands for (byte-level alphabet undone); OpenAI's logprob `bytes`."""
-        token = self.backend.id_to_token(token_id) or ""
-        table = _byte_decoder()
-        if all(c in table for c in token):
-            return bytes(table[c] for c in token)
-        return token.encode("utf-8")  # an added token spelled in plain text
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, **extra) -> str:
-        """Render as transformers' apply_chat_template(tokenize=False) does."""
-        template = _compile(self.chat_template or _FALLBACK_TEMPLATE)
-        return template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+    `gguf.GGUFReader` also maps every tensor and takes over a second on a small model; this reads
+    only the header, which for a 49k vocabulary is ~30 ms. Numeric arrays come back as numpy arrays,
+    string arrays as lists of str.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            return _parse_gguf_kv(buf)
+        finally:
+            buf.release()
 
 
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte ↔ printable-unicode table, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            codes.append(b)
+def _parse_gguf_kv(buf: memoryview) -> dict[str, Any]:
+    if bytes(buf[:4]) != _GGUF_MAGIC:
+        raise ValueError("not a GGUF file (bad magic)")
+    (version,) = struct.unpack_from("<I", buf, 4)
+    # A big-endian file has its version bytes swapped; a little-endian reader sees a huge number.
+    endian = "<" if version < 0x10000 else ">"
+    if endian == ">":
+        (version,) = struct.unpack_from(">I", buf, 4)
+    if version == 1:
+        n_tensors, n_kv = struct.unpack_from(endian + "II", buf, 8)
+        off, len_fmt = 16, "I"
+    else:
+        n_tensors, n_kv = struct.unpack_from(endian + "QQ", buf, 8)
+        off, len_fmt = 24, "Q"
+    del n_tensors
+    len_struct = struct.Struct(endian + len_fmt)
+    u32 = struct.Struct(endian + "I")
+
+    def read_str(off: int) -> tuple[str, int]:
+        (n,) = len_struct.unpack_from(buf, off)
+        off += len_struct.size
+        return str(buf[off:off + n], "utf-8", "replace"), off + n
+
+    out: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, off = read_str(off)
+        (vtype,) = u32.unpack_from(buf, off)
+        off += 4
+        if vtype == _GGUF_STRING:
+            value, off = read_str(off)
+        elif vtype == _GGUF_ARRAY:
+            (etype,) = u32.unpack_from(buf, off)
+            (count,) = len_struct.unpack_from(buf, off + 4)
+            off += 4 + len_struct.size
+            if etype == _GGUF_STRING:
+                items: list[str] = [""] * count
+                unpack, step = len_struct.unpack_from, len_struct.size
+                for i in range(count):
+                    (n,) = unpack(buf, off)
+                    off += step
+                    items[i] = str(buf[off:off + n], "utf-8", "replace")
+                    off += n
+                value = items
+            elif etype in _GGUF_NUMPY:
+                dtype = np.dtype(endian + _GGUF_NUMPY[etype])
+                value = np.frombuffer(buf, dtype=dtype, count=count, offset=off).copy()
+                off += count * dtype.itemsize
+            else:  # nested arrays: nothing a tokenizer needs; skip is impossible without parsing, so refuse
+                raise ValueError(f"unsupported GGUF array element type {etype} for key {key!r}")
+        elif vtype in _GGUF_SCALARS:
+            s = struct.Struct(endian + _GGUF_SCALARS[vtype])
+            (value,) = s.unpack_from(buf, off)
+            off += s.size
         else:
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in enumerate(codes)}
+            raise ValueError(f"unknown GGUF value type {vtype} for key {key!r}")
+        out[key] = value
+    return out
 
 
-@lru_cache(maxsize=16)
-def _compile(source: str):
+# ---------------------------------------------------------------------------------------------------------
+# Building a `tokenizers.Tokenizer` from GGUF metadata
+# ---------------------------------------------------------------------------------------------------------
+
+# llama.cpp token types (llama_token_type)
+_TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 4, 5, 6
+
+# Split regexes as the models' own tokenizer.json spell them (llama.cpp keeps rewritten copies of these).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEEPSEEK3_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+
+_LLAMA3_PRES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                "dbrx", "smaug-bpe", "glm4", "chatglm-bpe"}
+_QWEN2_PRES = {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "grok-2"}
+_GPT4O_PRES = {"gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"}
+# Pre-types whose tokenizer.json isolates every digit before the GPT-2 byte-level split
+# (llama.cpp: "\p{N}" then the GPT-2 regex; SmolLM2's tokenizer.json: Digits(individual) + ByteLevel).
+_DIGIT_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+_GPT2_PRES = {"default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion",
+              "granite-docling", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "gigachat", "mellum",
+              "a.x-4.0", "roberta-bpe", "jina-v1-en", "jina-v2-code", ""}
+# llama.cpp matches whole words against the vocabulary before merging for these (HF: "ignore_merges").
+_IGNORE_MERGES_PRES = _LLAMA3_PRES - {"dbrx", "smaug-bpe", "glm4", "chatglm-bpe"} | {"tekken"}
+# Pre-types llama.cpp adds BOS for when the file does not say.
+_ADD_BOS_PRES = _LLAMA3_PRES - {"dbrx", "smaug-bpe", "glm4", "chatglm-bpe"} | {"tekken", "chameleon"}
+
+
+def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer the model's tokenizer.json uses, picked by llama.cpp's `tokenizer.ggml.pre`."""
+    splits: tuple[str, ...] | None
+    if pre in _DIGIT_PRES:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre in _LLAMA3_PRES:
+        splits = (_LLAMA3_SPLIT,)
+    elif pre in _QWEN2_PRES:
+        splits = (_QWEN2_SPLIT,)
+    elif pre == "qwen35":
+        splits = (_QWEN35_SPLIT,)
+    elif pre == "tekken":
+        splits = (_TEKKEN_SPLIT,)
+    elif pre in _GPT4O_PRES:
+        splits = (_GPT4O_SPLIT,)
+    elif pre in ("deepseek-v3", "hunyuan-dense"):
+        splits = _DEEPSEEK3_SPLITS
+    else:
+        if pre not in _GPT2_PRES:
+            logger.warning("GGUF pre-tokenizer %r is not known here; using the GPT-2 split", pre)
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
+
+
+def _spm_merges(tokens: list[str], scores: np.ndarray | None) -> list[tuple[str, str]]:
+    """Merges implied by a sentencepiece vocabulary (GGUF files of type `llama` often carry none).
+
+    Same construction as transformers' `generate_merges`: every split of a token into two vocabulary
+    pieces is a merge, ranked by the merged token's score (best first).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    score_of = dict(zip(tokens, scores.tolist(), strict=True)) if scores is not None else None
+    entries: list[tuple[str, str, float]] = []
+    for token, idx in (score_of or vocab).items():
+        sc = score_of[token] if score_of is not None else idx
+        local = [(token[:k], token[k:], sc) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        entries.extend(local)
+    entries.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=score_of is not None)
+    return [(a, b) for a, b, _ in entries]
+
+
+def _gguf_rust_tokenizer(meta: dict[str, Any]) -> tuple[_RustTokenizer, bool]:
+    """A `tokenizers.Tokenizer` equal to the one the GGUF was converted from, and the add_bos default."""
+    model_type = meta.get("tokenizer.ggml.model", "gpt2")
+    pre = str(meta.get("tokenizer.ggml.pre", "default")).lower()
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type")
+    types_list: list[int] = types.tolist() if types is not None else [_TT_NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges_raw = meta.get("tokenizer.ggml.merges")
+
+    if model_type == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in merges_raw] if merges_raw is not None else []
+        tk = _RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                       ignore_merges=pre in _IGNORE_MERGES_PRES))
+        tk.pre_tokenizer = _byte_level_pre_tokenizer(pre)
+        tk.decoder = decoders.ByteLevel()
+        add_bos_default = pre in _ADD_BOS_PRES
+    elif model_type == "llama":
+        if merges_raw is not None:
+            merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+        else:
+            merges = _spm_merges(tokens, meta.get("tokenizer.ggml.scores"))
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+        tk = _RustTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                       byte_fallback=True))
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if prefix:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        tk.decoder = decoders.Sequence(steps)
+        add_bos_default = True
+    else:
+        raise NotImplementedError(f"GGUF tokenizer model {model_type!r} is not supported (gpt2, llama are)")
+
+    # Control (and unknown, like <unk>) tokens are specials matched whole in text; user-defined ones are
+    # matched whole but are ordinary text (not skipped by skip_special_tokens), as in llama.cpp and
+    # transformers.
+    byte_level = model_type == "gpt2"
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types_list, strict=True)
+        # In a byte-level vocabulary a "control" token spelled outside the byte alphabet is a converter
+        # mislabel; adding it would mint a new id past the model's vocabulary.
+        if ty in (_TT_CONTROL, _TT_UNKNOWN) and t and (not byte_level or all(c in _BYTE_DECODER for c in t))
+    ]
+    if control:
+        tk.add_special_tokens(control)
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types_list, strict=True) if ty == _TT_USER_DEFINED and t]
+    if user:
+        tk.add_tokens(user)
+    return tk, add_bos_default
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat templates (rendered exactly like transformers' apply_chat_template)
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] is not none %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Names of end-of-turn tokens (llama.cpp's end-of-generation list). One counts as a stop token only
+# when the chat template actually writes it and the vocabulary has it as a special token.
+_END_OF_TURN_NAMES = (
+    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+    "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "<|end_of_turn|>", "</s>",
+)
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _compile_template(source: str) -> Any:
+    """Compile a chat template in the same sandboxed environment transformers uses."""
     import jinja2
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message: str):
+    class _Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        # Jinja's own tojson HTML-escapes; transformers replaced it with plain json.dumps.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    class _TemplateDict:
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    class _Namespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                _Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            _Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _Namespace
     return env.from_string(source)
 
 
-class IncrementalDetokenizer:
-    """Text for tokens as they arrive, never splitting a UTF-8 character.
+def _plain(value: Any) -> Any:
+    """A deep copy in plain JSON types, so the template sees (and can change) nothing of the caller's."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, np.generic):  # numpy scalars: np.bool_(False) must stay falsy
+        return _plain(value.item())
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value] if isinstance(value, list) else tuple(_plain(v) for v in value)
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
 
-    Decodes only a short window (from the last emitted boundary), so each token costs O(1); text is
-    emitted once the window no longer ends in a replacement character, i.e. a character is complete.
+
+def _normalize_messages(messages: Sequence[Any]) -> list[dict]:
+    """transformers' message normalization: drop None-valued keys, alias the reasoning fields."""
+    out = []
+    for message in _plain(list(messages)):
+        if not isinstance(message, dict):
+            raise TypeError(f"chat messages must be dicts, got {message!r}")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Text <-> ids, chat template rendering and per-token bytes for one model."""
+
+    def __init__(
+        self,
+        backend: _RustTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: list[int],
+        chat_templates: dict[str, str] | None,
+        add_bos: bool,
+        add_eos: bool = False,
+        special_token_strings: dict[str, str] | None = None,
+    ) -> None:
+        self._tk = backend
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self._templates = dict(chat_templates or {})
+        first = next(iter(self._templates.values()), None)
+        self.chat_template: str | None = self._templates.get("default") or first
+        self.add_bos = add_bos and bos_token_id is not None
+        self.add_eos = add_eos and bool(eos_token_ids)
+        # bos_token, eos_token, unk_token, pad_token: the variables transformers hands every template
+        self.special_token_strings = dict(special_token_strings or {})
+        self.bos_token: str | None = self.special_token_strings.get("bos_token")
+        self.eos_token: str | None = self.special_token_strings.get("eos_token")
+        added = backend.get_added_tokens_decoder()
+        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self._added_content: dict[int, str] = {i: t.content for i, t in added.items()}
+        self._token_bytes_cache: dict[int, bytes] = {}
+        self._compiled: dict[str, Any] = {}
+        decoder = str(backend.decoder)
+        self._byte_level = decoder.startswith("ByteLevel") or "ByteLevel(" in decoder
+        model = backend.model
+        self._byte_fallback = bool(getattr(model, "byte_fallback", False))
+        # Byte-fallback pieces "<0x..>" decode together with their neighbours, so the detokenizer
+        # must not cut a run of them.
+        self.byte_fallback_ids: frozenset[int] = frozenset()
+        if self._byte_fallback:
+            vocab = backend.get_vocab(with_added_tokens=False)
+            pieces = (f"<0x{b:02X}>" for b in range(256))
+            self.byte_fallback_ids = frozenset(vocab[p] for p in pieces if p in vocab)
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """From a `.gguf` file, or a folder with tokenizer.json (+ tokenizer_config / generation_config)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                return cls._from_hf_folder(path)
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cls._from_gguf(ggufs[0])
+            raise FileNotFoundError(f"{path} has no tokenizer.json (and not exactly one .gguf)")
+        with open(path, "rb") as f:
+            if f.read(4) == _GGUF_MAGIC:
+                return cls._from_gguf(path)
+        raise ValueError(f"{path} is neither a GGUF file nor a tokenizer folder")
+
+    @classmethod
+    def _from_gguf(cls, path: Path) -> Tokenizer:
+        meta = read_gguf_metadata(path)
+        return cls.from_gguf_metadata(meta)
+
+    @classmethod
+    def from_gguf_reader(cls, reader: Any) -> Tokenizer:
+        """From a `gguf.GGUFReader` the model loader already opened (saves reading the metadata twice)."""
+        meta: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            value = field.contents()
+            if isinstance(value, list) and value and not isinstance(value[0], str):
+                value = np.asarray(value)
+            meta[key] = value
+        return cls.from_gguf_metadata(meta)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        """From already-read GGUF metadata (the model loader reads it anyway)."""
+        backend, add_bos_default = _gguf_rust_tokenizer(meta)
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+
+        def tok_id(key: str) -> int | None:
+            v = meta.get(f"tokenizer.ggml.{key}")
+            return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+
+        bos, eos = tok_id("bos_token_id"), tok_id("eos_token_id")
+        unk, pad = tok_id("unknown_token_id"), tok_id("padding_token_id")
+        templates: dict[str, str] = {}
+        if isinstance(meta.get("tokenizer.chat_template"), str):
+            templates["default"] = meta["tokenizer.chat_template"]
+        prefix = "tokenizer.chat_template."
+        for key, value in meta.items():
+            if key.startswith(prefix) and isinstance(value, str) and key != "tokenizer.chat_templates":
+                templates[key[len(prefix):]] = value
+        named = (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad))
+        strings = {name: tokens[i] for name, i in named if i is not None}
+        declared = [eos, tok_id("eot_token_id"), tok_id("eom_token_id")]
+        tk = cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_ids=[],
+            chat_templates=templates,
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+            add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            special_token_strings=strings,
+        )
+        tk.eos_token_ids = tk._end_ids([i for i in declared if i is not None])
+        return tk
+
+    @classmethod
+    def _from_hf_folder(cls, folder: Path) -> Tokenizer:
+        backend = _RustTokenizer.from_file(str(folder / "tokenizer.json"))
+
+        def read_json(name: str) -> dict:
+            p = folder / name
+            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+        config = read_json("tokenizer_config.json")
+        special_map = read_json("special_tokens_map.json")
+        generation = read_json("generation_config.json")
+
+        strings: dict[str, str] = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            content = _token_content(config.get(name)) or _token_content(special_map.get(name))
+            if content is not None:
+                strings[name] = content
+
+        def id_of(name: str) -> int | None:
+            return backend.token_to_id(strings[name]) if name in strings else None
+
+        bos = id_of("bos_token")
+        if bos is None and isinstance(generation.get("bos_token_id"), int):
+            bos = generation["bos_token_id"]
+
+        templates: dict[str, str] = {}
+        raw = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            raw = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        elif raw is None:
+            raw = read_json("chat_template.json").get("chat_template")
+        if isinstance(raw, str):
+            templates["default"] = raw
+        elif isinstance(raw, list):
+            templates.update({t["name"]: t["template"] for t in raw if isinstance(t, dict) and "name" in t})
+        for extra in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+            templates.setdefault(extra.stem, extra.read_text(encoding="utf-8"))
+
+        # Whether the tokenizer.json post-processor adds BOS/EOS; tokenizer_config's flags win when given.
+        eos = id_of("eos_token")
+        probe = backend.encode("a", add_special_tokens=True).ids
+        plain = backend.encode("a", add_special_tokens=False).ids
+        post_bos = bos is not None and len(probe) > len(plain) and probe[0] == bos
+        post_eos = eos is not None and len(probe) > len(plain) and probe[-1] == eos
+        add_bos = config.get("add_bos_token", post_bos)
+        add_eos = config.get("add_eos_token", post_eos)
+
+        declared: list[int] = [eos] if eos is not None else []
+        gen_eos = generation.get("eos_token_id")
+        if isinstance(gen_eos, int):
+            gen_eos = [gen_eos]
+        declared += [i for i in gen_eos or [] if isinstance(i, int)]
+        tk = cls(backend, bos_token_id=bos, eos_token_ids=[], chat_templates=templates, add_bos=bool(add_bos),
+                 add_eos=bool(add_eos), special_token_strings=strings)
+        tk.eos_token_ids = tk._end_ids(declared)
+        return tk
+
+    def _end_ids(self, declared: list[int]) -> list[int]:
+        """Declared stop ids, plus the end-of-turn specials the chat templates actually write."""
+        out: list[int] = []
+        for i in declared:
+            if i not in out:
+                out.append(i)
+        text = "\n".join(self._templates.values())
+        for name in _END_OF_TURN_NAMES:
+            if name in text:
+                i = self._tk.token_to_id(name)
+                if i is not None and i in self.special_ids and i not in out:
+                    out.append(i)
+        return out
+
+    # -- text <-> ids -------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> _RustTokenizer:
+        """The underlying `tokenizers.Tokenizer` (e.g. to save it as tokenizer.json)."""
+        return self._tk
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text`; special tokens written in it (like <|im_start|>) become their ids."""
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.add_bos:
+                ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
+            if self.add_eos:
+                ids.append(self.eos_token_ids[0])
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; invalid UTF-8 becomes U+FFFD and ids outside the vocabulary are dropped."""
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary spelling of a token (byte-level or '▁' form), '' for an unknown id."""
+        t = self._tk.id_to_token(int(i))
+        return t if t is not None else ""
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The raw bytes one token stands for (OpenAI logprobs `bytes`); may be a partial UTF-8 char."""
+        i = int(i)
+        cached = self._token_bytes_cache.get(i)
+        if cached is not None:
+            return cached
+        if i in self._added_content:
+            out = self._added_content[i].encode("utf-8")
+        else:
+            tok = self._tk.id_to_token(i)
+            if tok is None:
+                out = b""
+            elif self._byte_level:
+                try:
+                    out = bytes(_BYTE_DECODER[c] for c in tok)
+                except KeyError:  # not spelled in the byte alphabet: the ByteLevel decoder emits it as is
+                    out = tok.encode("utf-8")
+            elif self._byte_fallback and i in self.byte_fallback_ids:
+                out = bytes([int(tok[3:5], 16)])
+            elif self._byte_fallback or "▁" in tok:
+                out = tok.replace("▁", " ").encode("utf-8")
+            else:
+                out = self._tk.decode([i], skip_special_tokens=False).encode("utf-8")
+        self._token_bytes_cache[i] = out
+        return out
+
+    # -- chat ---------------------------------------------------------------------------------------------
+
+    def _template_for(self, tools: list | None) -> str:
+        if tools is not None and "tool_use" in self._templates:  # transformers' choice, named templates
+            return self._templates["tool_use"]
+        return self.chat_template or DEFAULT_CHATML_TEMPLATE
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **extra: Any,
+    ) -> str:
+        """The prompt for `messages`, rendered exactly as transformers' `apply_chat_template(tokenize=False)`.
+
+        `extra` reaches the template as variables (e.g. `enable_thinking`, `documents`) and overrides
+        the special-token strings (`bos_token`, ...). Tokenize the result with add_special_tokens=False.
+        """
+        source = self._template_for(tools)
+        compiled = self._compiled.get(source)
+        if compiled is None:
+            compiled = self._compiled[source] = _compile_template(source)
+        variables = {**self.special_token_strings, **_plain(extra)}
+        variables.setdefault("documents", None)
+        return compiled.render(
+            messages=_normalize_messages(messages),
+            tools=_plain(tools) if tools is not None else None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming detokenization
+# ---------------------------------------------------------------------------------------------------------
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated ids into text chunks that never split a UTF-8 character.
+
+    Uses vLLM's/TGI's prefix window: the text of the new tokens is decode(window + new) minus
+    decode(window), where the window starts at the last point text was emitted. Each step decodes a
+    few tokens, not the whole sequence, and decoders with context effects (sentencepiece's leading
+    space, byte-fallback runs, U+FFFD for incomplete bytes) see the same left context in both decodes.
+    Text is held back while it ends in U+FFFD (maybe an incomplete character) or in a byte-fallback
+    piece, so the chunks always concatenate to `decode(all ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False,
+                 prefix_ids: Sequence[int] = ()) -> None:
+        """`prefix_ids`: ids already in the sequence (the prompt tail), used only as left context so a
+        sentencepiece model's first generated word keeps its leading space; their text is not emitted."""
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # window start: the boundary before the last emitted token(s)
-        self.read_offset = 0  # tokens before this are emitted
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._hold_ids = tokenizer.byte_fallback_ids
+        context = list(prefix_ids)[-6:]
+        while context and context[-1] in self._hold_ids:  # never let a byte run straddle the start
+            context.pop()
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._prefix_text = self._decode(0, len(context)) if context else ""
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
 
     def add(self, token_ids: Sequence[int]) -> str:
-        self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
-        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+        """Append ids; returns the text that became final (possibly '')."""
+        if not token_ids:
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(prefix):]
+        self._ids.extend(int(t) for t in token_ids)
+        if self._ids[-1] in self._hold_ids:
+            return ""
+        text = self._decode(self._prefix_offset)
+        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self._prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        return new
 
     def flush(self) -> str:
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):]
+        """Everything still held back (a trailing partial character comes out as U+FFFD). End of stream."""
+        text = self._decode(self._prefix_offset)
+        new = text[len(self._prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        return new
