@@ -429,7 +429,7 @@ def test_llama_spm_gguf_matches_transformers(tmp_path):
 def test_gguf_metadata_reader_matches_gguf_package():
     import gguf
 
-    from ember.models.tokenizer import read_gguf_metadata
+    from ember.models.gguf_file import read_gguf_metadata
 
     ours = read_gguf_metadata(GGUF)
     reader = gguf.GGUFReader(str(GGUF))

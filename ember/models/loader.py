@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ember.models.config import ModelConfig
-from ember.models.gguf_file import gguf_field, open_gguf
+from ember.models.gguf_file import GGUFFile, read_gguf
 from ember.models.tokenizer import Tokenizer
 
 SUPPORTED_HF = {"llama", "mistral", "qwen2"}
@@ -64,8 +64,8 @@ def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32) -> t
     if path.is_dir():
         return _load_hf(path, dtype), Tokenizer.load(path)
     if path.suffix == ".gguf" and path.is_file():
-        reader = open_gguf(path)
-        return _load_gguf(reader, path, dtype), Tokenizer.from_gguf_reader(reader)
+        gguf = read_gguf(path)
+        return _load_gguf(gguf, path, dtype), Tokenizer.from_gguf_metadata(gguf.metadata)
     raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
 
 
@@ -74,7 +74,7 @@ def load_weights(path: str | Path | None, dtype: torch.dtype = torch.float32) ->
     if path.is_dir():
         return _load_hf(path, dtype)
     if path.suffix == ".gguf" and path.is_file():
-        return _load_gguf(open_gguf(path), path, dtype)
+        return _load_gguf(read_gguf(path), path, dtype)
     raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
 
 
@@ -83,20 +83,20 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_config(reader) -> ModelConfig:
-    arch = gguf_field(reader, "general.architecture")
+def gguf_config(gguf: GGUFFile) -> ModelConfig:
+    arch = gguf.get("general.architecture")
     if arch not in SUPPORTED_GGUF:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(SUPPORTED_GGUF)}")
 
     def meta(key: str, default=None):
-        return gguf_field(reader, f"{arch}.{key}", default)
+        return gguf.get(f"{arch}.{key}", default)
 
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens", [])
+    tokens = gguf.get("tokenizer.ggml.tokens", [])
     rope_scaling = None
     if meta("rope.scaling.type") == "linear":
         rope_scaling = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    eos = gguf.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=arch,
         vocab_size=meta("vocab_size") or len(tokens),
@@ -110,9 +110,9 @@ def gguf_config(reader) -> ModelConfig:
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_scaling=rope_scaling,
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-        attention_bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors),
-        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        tie_word_embeddings=not any(t.name == "output.weight" for t in gguf.tensors),
+        attention_bias=any(t.name.endswith("attn_q.bias") for t in gguf.tensors),
+        bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[] if eos is None else [eos],
     )
 
@@ -124,16 +124,16 @@ def _hf_name(gguf_name: str) -> str:
     return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
 
 
-def _load_gguf(reader, path: Path, dtype: torch.dtype) -> LoadedWeights:
+def _load_gguf(gguf: GGUFFile, path: Path, dtype: torch.dtype) -> LoadedWeights:
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    config = gguf_config(reader)
+    config = gguf_config(gguf)
     tensors = {}
-    for t in reader.tensors:
+    for t in gguf.tensors:
         if t.name.startswith("rope_freqs"):
             continue  # llama3 frequency factors: recomputed from the config instead
-        w = dequantize(t.data, t.tensor_type)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
+        w = dequantize(t.data, GGMLQuantizationType(t.ggml_type)).reshape(t.shape)
         if config.architecture == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute(w, config.num_heads)
         elif config.architecture == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
-import struct
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,92 +19,13 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
 
+from ember.models.gguf_file import read_gguf_metadata
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # GGUF metadata
 # ---------------------------------------------------------------------------------------------------------
-
-_GGUF_MAGIC = b"GGUF"
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "u1",
-               10: "u8", 11: "i8", 12: "f8"}
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Key/value metadata of a GGUF file, without parsing its tensor table.
-
-    `gguf.GGUFReader` also maps every tensor and takes over a second on a small model; this reads
-    only the header, which for a 49k vocabulary is ~30 ms. Numeric arrays come back as numpy arrays,
-    string arrays as lists of str.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            return _parse_gguf_kv(buf)
-        finally:
-            buf.release()
-
-
-def _parse_gguf_kv(buf: memoryview) -> dict[str, Any]:
-    if bytes(buf[:4]) != _GGUF_MAGIC:
-        raise ValueError("not a GGUF file (bad magic)")
-    (version,) = struct.unpack_from("<I", buf, 4)
-    # A big-endian file has its version bytes swapped; a little-endian reader sees a huge number.
-    endian = "<" if version < 0x10000 else ">"
-    if endian == ">":
-        (version,) = struct.unpack_from(">I", buf, 4)
-    if version == 1:
-        n_tensors, n_kv = struct.unpack_from(endian + "II", buf, 8)
-        off, len_fmt = 16, "I"
-    else:
-        n_tensors, n_kv = struct.unpack_from(endian + "QQ", buf, 8)
-        off, len_fmt = 24, "Q"
-    del n_tensors
-    len_struct = struct.Struct(endian + len_fmt)
-    u32 = struct.Struct(endian + "I")
-
-    def read_str(off: int) -> tuple[str, int]:
-        (n,) = len_struct.unpack_from(buf, off)
-        off += len_struct.size
-        return str(buf[off:off + n], "utf-8", "replace"), off + n
-
-    out: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, off = read_str(off)
-        (vtype,) = u32.unpack_from(buf, off)
-        off += 4
-        if vtype == _GGUF_STRING:
-            value, off = read_str(off)
-        elif vtype == _GGUF_ARRAY:
-            (etype,) = u32.unpack_from(buf, off)
-            (count,) = len_struct.unpack_from(buf, off + 4)
-            off += 4 + len_struct.size
-            if etype == _GGUF_STRING:
-                items: list[str] = [""] * count
-                unpack, step = len_struct.unpack_from, len_struct.size
-                for i in range(count):
-                    (n,) = unpack(buf, off)
-                    off += step
-                    items[i] = str(buf[off:off + n], "utf-8", "replace")
-                    off += n
-                value = items
-            elif etype in _GGUF_NUMPY:
-                dtype = np.dtype(endian + _GGUF_NUMPY[etype])
-                value = np.frombuffer(buf, dtype=dtype, count=count, offset=off).copy()
-                off += count * dtype.itemsize
-            else:  # nested arrays: nothing a tokenizer needs; skip is impossible without parsing, so refuse
-                raise ValueError(f"unsupported GGUF array element type {etype} for key {key!r}")
-        elif vtype in _GGUF_SCALARS:
-            s = struct.Struct(endian + _GGUF_SCALARS[vtype])
-            (value,) = s.unpack_from(buf, off)
-            off += s.size
-        else:
-            raise ValueError(f"unknown GGUF value type {vtype} for key {key!r}")
-        out[key] = value
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Building a `tokenizers.Tokenizer` from GGUF metadata
@@ -479,26 +398,13 @@ class Tokenizer:
                 return cls._from_gguf(ggufs[0])
             raise FileNotFoundError(f"{path} has no tokenizer.json (and not exactly one .gguf)")
         with open(path, "rb") as f:
-            if f.read(4) == _GGUF_MAGIC:
+            if f.read(4) == b"GGUF":
                 return cls._from_gguf(path)
         raise ValueError(f"{path} is neither a GGUF file nor a tokenizer folder")
 
     @classmethod
     def _from_gguf(cls, path: Path) -> Tokenizer:
         meta = read_gguf_metadata(path)
-        return cls.from_gguf_metadata(meta)
-
-    @classmethod
-    def from_gguf_reader(cls, reader: Any) -> Tokenizer:
-        """From a `gguf.GGUFReader` the model loader already opened (saves reading the metadata twice)."""
-        meta: dict[str, Any] = {}
-        for key, field in reader.fields.items():
-            if not key.startswith("tokenizer."):
-                continue
-            value = field.contents()
-            if isinstance(value, list) and value and not isinstance(value[0], str):
-                value = np.asarray(value)
-            meta[key] = value
         return cls.from_gguf_metadata(meta)
 
     @classmethod
