@@ -64,20 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(p_serve, ServerConfig)
     add_config_flags(p_serve, EngineConfig)
     p_serve.set_defaults(func=serve)
-    p_bench = sub.add_parser("bench", help="load-test any OpenAI-compatible server", add_help=False)
-    p_bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p_bench.set_defaults(func=bench)
+    sub.add_parser("bench", help="load-test any OpenAI-compatible server (ember bench --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
 
-def bench(args: argparse.Namespace) -> int:
-    """Imported lazily: the load generator is not needed to serve."""
+def bench(argv: list[str]) -> int:
+    """Its own parser, imported lazily: the load generator is not needed to serve."""
     from ember import bench as bench_module
 
-    parser = argparse.ArgumentParser(prog="ember bench")
+    parser = argparse.ArgumentParser(prog="ember bench", description=bench_module.__doc__)
     bench_module.add_arguments(parser)
-    return bench_module.run(parser.parse_args(args.bench_args))
+    return bench_module.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
