@@ -9,8 +9,10 @@ PORT="${1:-8001}"
 VENV=benchmarks/.venv-llamacpp
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
   python3 -m venv "$VENV"
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-    "$VENV/bin/pip" install -q "llama-cpp-python[server]"
+  # 0.3.36's native (AMX) build segfaults in decode on this machine's Xeon; 0.3.16 with explicit
+  # AVX-512 flags runs.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
+    CMAKE_BUILD_PARALLEL_LEVEL=2 "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.16"
 fi
 GGUF=$(.venv/bin/python -c "from ember.models.loader import default_model_path; print(default_model_path())")
 # n_ctx 8192 matches Ember's context; 2 threads = this machine's cores. llama-cpp-python's server

@@ -1,4 +1,8 @@
-"""`ember serve` and `ember bench`. Every config dataclass field is a flag and an EMBER_* variable."""
+"""`ember serve` and `ember bench`. Every config dataclass field is a flag and an EMBER_* variable.
+
+Heavy modules (torch, fastapi, the model) are imported inside the commands, so `--help` is instant
+and a server is ready as soon as its model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +16,36 @@ import typing
 from ember.api.config import ServerConfig
 from ember.engine.config import EngineConfig
 
+_TRUE = ("1", "true", "yes", "on")
 
-def _field_type(cls, f: dataclasses.Field) -> type:
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
     hint = typing.get_type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType):  # `X | None`
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """--kebab-name for each field; the default comes from EMBER_UPPER_NAME, else the dataclass."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """--kebab-name for each field; its default comes from EMBER_UPPER_NAME, else the dataclass."""
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
-        kind = _field_type(cls, f)
-        env = os.environ.get(f"EMBER_{f.name.upper()}")
-        flag = "--" + f.name.replace("_", "-")
+        kind, env_name = _field_type(cls, f), f"EMBER_{f.name.upper()}"
+        env = os.environ.get(env_name)
+        flag, help_ = "--" + f.name.replace("_", "-"), f"(env {env_name}; default {f.default!r})"
         if kind is bool:
-            default = f.default if env is None else env.lower() in ("1", "true", "yes", "on")
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
+            default = f.default if env is None else env.lower() in _TRUE
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_)
+            continue
+        try:
             default = f.default if env is None else kind(env)
-            group.add_argument(flag, dest=f.name, type=kind, default=default,
-                               help=f"(env EMBER_{f.name.upper()}; default {f.default!r})")
+        except ValueError:
+            parser.error(f"{env_name}={env!r} is not a valid {kind.__name__}")
+        group.add_argument(flag, dest=f.name, type=kind, default=default, help=help_)
 
 
-def config_from_args(cls, args: argparse.Namespace):
+def config_from_args(cls: type, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -52,33 +61,37 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(server.log_level)
     model = load_served_model(engine, server.served_model_name, server.generation_config)
     app = create_app(ModelRegistry([model]))
-    print(f"ember: serving {model.name} on http://{server.host}:{server.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, access_log=False)
+    url = f"http://{server.host}:{server.port}/v1"
+    print(f"ember: serving {model.name} on {url}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=server.host, port=server.port, log_config=None, log_level=server.log_level,
+                access_log=False)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ember", description="Fireworks/OpenAI-compatible LLM server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="serve a model over HTTP")
-    add_config_flags(p_serve, ServerConfig)
-    add_config_flags(p_serve, EngineConfig)
-    p_serve.set_defaults(func=serve)
-    sub.add_parser("bench", help="load-test any OpenAI-compatible server (ember bench --help)")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return bench(argv[1:])
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def bench(argv: list[str]) -> int:
-    """Its own parser, imported lazily: the load generator is not needed to serve."""
+    """The load generator lives in ember.bench and is imported only here."""
     from ember import bench as bench_module
 
     parser = argparse.ArgumentParser(prog="ember bench", description=bench_module.__doc__)
     bench_module.add_arguments(parser)
-    return bench_module.run(parser.parse_args(argv))
+    return bench_module.run(parser.parse_args(argv)) or 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember serve", description="serve a model over HTTP "
+                                     "(Fireworks- and OpenAI-compatible)")
+    add_config_flags(parser, ServerConfig)
+    add_config_flags(parser, EngineConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"serve": lambda rest: serve(serve_parser().parse_args(rest)), "bench": bench}
+    if not argv or argv[0] not in commands:
+        print("usage: ember {serve,bench} [options]   (ember <command> --help for options)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Start a real `ember serve` process on a free loopback port for API tests."""
+"""Start real `ember serve` processes on free loopback ports (the API tests' fixtures live in conftest)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,48 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+import openai
 
 MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"
+TINY_KV_BLOCKS, TINY_BLOCK_SIZE = 12, 16  # 192 tokens of KV cache in all: also the context window
+TINY_GENERATION_CONFIG = {"temperature": 0.5, "top_k": 7}
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    startup_s: float
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kw)
+
+    def aclient(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def post(self, path: str, body: dict | None = None, **kw) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, timeout=kw.pop("timeout", 60), **kw)
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/v1/engine/stats").json()[self.model]
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        """Stats once no sequence runs or waits (or the last ones seen, at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if stats["num_running"] == stats["num_waiting"] == 0 or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -21,44 +57,46 @@ def _free_port() -> int:
 
 
 @contextmanager
-def ember_server(*extra_args: str, timeout: float = 60.0):
-    """Yields the base URL (http://127.0.0.1:PORT) of a running server; kills it afterwards."""
+def launch(*args: str, model: str = MODEL, env: dict | None = None, log: Path | None = None,
+           timeout: float = 120.0) -> Iterator[Server]:
+    """`python -m ember.cli serve --port <free> *args`, ready once /health answers; killed afterwards.
+    Its output goes to `log` (a pipe nobody reads could fill up and stall the server)."""
+    if log is None:
+        with tempfile.TemporaryDirectory() as folder, \
+                launch(*args, model=model, env=env, log=Path(folder) / "serve.log", timeout=timeout) as s:
+            yield s
+        return
     port = _free_port()
-    cmd = [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), *args]
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stdout.read()}")
+                raise RuntimeError(f"ember serve exited with {proc.returncode}:\n{log.read_text()}")
             try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become healthy")
-            time.sleep(0.2)
-        yield base
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"ember serve not healthy after {timeout} s:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield Server(url, model, time.monotonic() - started)
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
-def engine_stats(base: str) -> dict:
-    return httpx.get(f"{base}/v1/engine/stats").json()[MODEL]
-
-
-def wait_until_idle(base: str, timeout: float = 10.0) -> dict:
-    """Stats once no sequence runs or waits (or the last seen stats at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine_stats(base)
-        if (stats["num_running"] == 0 and stats["num_waiting"] == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
+@contextmanager
+def ember_server(*args: str, **kw) -> Iterator[str]:
+    """Like `launch`, for callers that need only the base URL (http://127.0.0.1:PORT)."""
+    with launch(*args, **kw) as s:
+        yield s.url

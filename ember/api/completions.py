@@ -1,38 +1,29 @@
-"""POST /v1/completions: a string, strings, token ids or lists of token ids."""
+"""POST /v1/completions: a string, strings, token ids or lists of token ids (one choice group each)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
-from ember.api.generation import envelope, respond_json, respond_stream
 from ember.api.protocol import CompletionRequest
-from ember.serving.errors import RequestError
+from ember.api.respond import Shape, new_request_id, respond
 from ember.serving.generate import plan_generation
+from ember.serving.prompts import completion_prompts
 
 router = APIRouter()
 
 
-def _prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
-    p = body.prompt
-    if isinstance(p, str):
-        return [tokenizer.encode(p)]
-    if all(isinstance(x, int) for x in p):
-        return [list(p)]
-    return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+def _choice(i: int, text: str, reason: str | None) -> dict:
+    return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+
+
+SHAPE = Shape(id_prefix="cmpl", object="text_completion", chunk_object="text_completion",
+              choice=_choice, delta=_choice)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request) -> Response:
     model = request.app.state.registry.get(body.model)
-    prompts = _prompts(body, model.tokenizer)
-    if any(not p for p in prompts):
-        raise RequestError("the prompt is empty after tokenization", "prompt")
-    gen = plan_generation(model, body, prompts, "prompt")
-    head = envelope("cmpl", "text_completion", body.model)
-    if not body.stream:
-        return await respond_json(request, gen, lambda texts, reasons: {**head, "choices": [
-            {"index": i, "text": t, "finish_reason": r, "logprobs": None}
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]})
-    return respond_stream(request, gen, head, lambda i, text, reason: {
-        "index": i, "text": text, "finish_reason": reason, "logprobs": None}, None,
-        bool(body.stream_options and body.stream_options.include_usage))
+    prompts = completion_prompts(model.tokenizer, body.prompt)
+    gen = plan_generation(model, body, prompts, "prompt", new_request_id())
+    return await respond(request, body, gen, SHAPE)

@@ -10,5 +10,5 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # default: smollm2-135m-instruct, or the model file's stem
-    generation_config: str | None = None  # JSON file of sampling defaults (for GGUF models)
+    generation_config: str | None = None  # JSON file of sampling defaults (overrides the model's own)
     log_level: str = "warning"

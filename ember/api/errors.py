@@ -1,4 +1,5 @@
-"""Every failure leaves as `{"error": {"message", "type", "param", "code"}}` with the right status."""
+"""Every failure leaves as `{"error": {"message", "type", "param", "code"}}` with the right status:
+4xx naming the field for client mistakes, 500 only for real bugs (logged)."""
 
 from __future__ import annotations
 
@@ -9,53 +10,68 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ember.api.protocol import NotYetSupported
+from ember.api.protocol import FieldError
 from ember.serving.errors import RequestError
 
 log = logging.getLogger("ember.api")
 
-# segments pydantic adds to a location for union members and validators, not field names
+# segments pydantic adds to a location for union members and validators; never field names
 _TYPE_SEGMENTS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   type_: str | None = None) -> JSONResponse:
-    type_ = type_ or ("invalid_request_error" if status < 500 else "internal_server_error")
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _param(loc: tuple) -> str | None:
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    type_ = "invalid_request_error" if status < 500 else "internal_server_error"
+    return JSONResponse(status_code=status, content=error_body(message, param, code, type_))
+
+
+def _param(loc: tuple, field: str | None = None) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; `field` (a validator's own) is appended."""
     out = ""
     for seg in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(seg, int):
             out += f"[{seg}]"
-        elif seg.isidentifier() and seg not in _TYPE_SEGMENTS:
+        elif seg.isidentifier() and seg[0].islower() and seg not in _TYPE_SEGMENTS:
             out += f".{seg}" if out else seg
+    if field:
+        out += f".{field}" if out else field
     return out or None
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0]
-    kind, param = err.get("type"), _param(tuple(err.get("loc", ())))
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    unknown = [_param(tuple(e["loc"])) for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:
+        names = ", ".join(f"`{u}`" for u in unknown)
+        return error_response(400, f"unknown field{'s' if len(unknown) > 1 else ''} {names}", unknown[0],
+                              "unknown_field")
+    # a union reports one error per member: the deepest location is the member that came closest
+    err = max(reversed(errors), key=lambda e: len(e.get("loc", ())))
+    kind, loc = err.get("type"), tuple(err.get("loc", ()))
     cause = (err.get("ctx") or {}).get("error")
     if kind == "json_invalid":
-        return error_response(400, f"request body is not valid JSON: {err.get('msg')}", None, "invalid_json")
-    if isinstance(cause, NotYetSupported):
-        return error_response(400, str(cause), cause.field, "unsupported_parameter")
-    if kind == "extra_forbidden":
-        return error_response(400, f"unknown field `{param}`", param, "unknown_field")
+        return error_response(400, f"the request body is not valid JSON: {err.get('msg')}", None,
+                              "invalid_json")
+    if isinstance(cause, FieldError):
+        return error_response(400, str(cause), _param(loc, cause.field), cause.code)
+    param = _param(loc)
+    if param is None:
+        message = "a JSON object body is required" if kind == "missing" else f"invalid body: {err.get('msg')}"
+        return error_response(400, message, None, "invalid_body")
     if kind == "missing":
         return error_response(400, f"`{param}` is required", param, "missing_field")
-    if param is None:
-        return error_response(400, f"invalid request body: {err.get('msg')}", None, "invalid_value")
     return error_response(400, f"invalid value for `{param}`: {err.get('msg')}", param, "invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+        return validation_response(exc)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -63,7 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), None, code)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

@@ -1,30 +1,67 @@
-"""Request and response bodies (Fireworks + OpenAI shapes). Requests reject unknown fields."""
+"""Request bodies in Fireworks' schema (a superset of OpenAI's).
+
+Unknown fields are rejected. Fields of the schema that Ember does not implement yet are accepted
+only at values that change nothing (e.g. `frequency_penalty: 0`); any other value is a 400 naming
+the field, never silently ignored. Types are strict: `"max_tokens": "5"` is a mistake, not a 5.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Fields of Fireworks' schema that Ember does not implement yet: named in a clear 400 rather than
-# reported as unknown, and never silently ignored.
-NOT_YET_SUPPORTED = frozenset({
-    "echo", "echo_last", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias",
-    "logprobs", "top_logprobs", "min_p", "typical_p", "mirostat_lr", "mirostat_target", "raw_output",
-    "return_token_ids", "prompt_truncate_len", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "functions", "function_call", "prediction", "speculation", "reasoning_effort",
-    "reasoning_history", "thinking", "images",
-})
+# field -> the values at which it is harmless today; every other non-null value is refused for now
+NOT_YET_SUPPORTED: dict[str, tuple] = {
+    "echo": (False,), "echo_last": (0,), "frequency_penalty": (0,), "presence_penalty": (0,),
+    "repetition_penalty": (1,), "logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,),
+    "min_p": (0,), "typical_p": (1,), "mirostat_lr": (), "mirostat_target": (), "raw_output": (False,),
+    "return_token_ids": (False,), "prompt_truncate_len": (), "response_format": ({"type": "text"},),
+    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none", "auto"), "prediction": (), "speculation": (),
+    "reasoning_effort": ("none",), "reasoning_history": (), "thinking": ({"type": "disabled"},),
+    "images": ([],), "safe_tokenization": (False,),
+}
 
 
-class NotYetSupported(ValueError):
-    def __init__(self, field: str) -> None:
-        super().__init__(f"`{field}` is not supported by this server yet")
+class FieldError(ValueError):
+    """A validation failure about one field, relative to the object it was raised in."""
+
+    code = "invalid_value"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
         self.field = field
 
 
+class NotYetSupported(FieldError):
+    code = "unsupported_parameter"
+
+    def __init__(self, field: str, what: str | None = None) -> None:
+        super().__init__(field, f"{what or f'`{field}`'} is not supported by this server yet")
+
+
+def _harmless(value: Any, neutral: tuple) -> bool:
+    # `0 == False` in Python; on the wire they differ (`logprobs: 0` asks for the legacy format)
+    return value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                for v in neutral)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """extra="forbid", strict types, and the not-yet-supported gate for the fields in `not_yet`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    not_yet: ClassVar[dict[str, tuple]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_not_yet(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.not_yet:
+            return data
+        for key, value in data.items():
+            if key in cls.not_yet and not _harmless(value, cls.not_yet[key]):
+                raise NotYetSupported(key)
+        return {k: v for k, v in data.items() if k not in cls.not_yet}
 
 
 class StreamOptions(_Strict):
@@ -37,21 +74,34 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    not_yet: ClassVar[dict[str, tuple]] = {"tool_calls": ([],)}
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        parts = data.get("content") if isinstance(data, dict) else None
+        for i, part in enumerate(parts if isinstance(parts, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise NotYetSupported(f"content[{i}].type", f"`{kind}` content")
+        return data
+
+    def for_template(self) -> dict:
+        """The plain dict a chat template expects, content parts joined into one string."""
+        content = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content
+        return {**self.model_dump(exclude_none=True), "content": content or ""}
 
 
-Stop = Annotated[str, Field()] | Annotated[list[str], Field(max_length=4)]
-
-
-class _GenerationRequest(_Strict):
+class GenerationRequest(_Strict):
     """Fields shared by chat and text completions."""
+
+    not_yet: ClassVar[dict[str, tuple]] = NOT_YET_SUPPORTED
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -60,13 +110,13 @@ class _GenerationRequest(_Strict):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    stop: Stop | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     ignore_eos: bool = False
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     context_length_exceeded_behavior: Literal["error", "truncate"] = "truncate"
-    # accepted and kept for later use (usage records, caching hints); they do not change generation
+    # accepted; they label the request and do not change what is generated
     user: str | None = None
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
@@ -74,19 +124,11 @@ class _GenerationRequest(_Strict):
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     perf_metrics_in_response: bool | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_yet(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key in NOT_YET_SUPPORTED and data[key] not in (None, False):
-                    raise NotYetSupported(key)
-        return {k: v for k, v in data.items() if k not in NOT_YET_SUPPORTED} if isinstance(data, dict) else data
-
     @model_validator(mode="after")
-    def _one_max(self) -> _GenerationRequest:
+    def _one_max(self) -> GenerationRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
+            raise FieldError("max_completion_tokens",
+                             "give max_tokens or its alias max_completion_tokens, not both")
         return self
 
     @property
@@ -98,25 +140,18 @@ class _GenerationRequest(_Strict):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
+    @property
+    def include_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
-class ChatCompletionRequest(_GenerationRequest):
+
+class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(_GenerationRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | \
-        Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
+class CompletionRequest(GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]

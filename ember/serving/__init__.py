@@ -1,0 +1,1 @@
+"""Protocol ⇄ engine: prompts, sampling defaults, output assembly. Knows nothing of HTTP."""

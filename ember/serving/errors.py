@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 class RequestError(Exception):
+    """A request that can never succeed as sent: `param` names the offending field for the client."""
+
     def __init__(self, message: str, param: str | None = None, status: int = 400,
                  code: str = "invalid_request_error") -> None:
         super().__init__(message)

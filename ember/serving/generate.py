@@ -1,75 +1,81 @@
-"""From a validated request to streamed choice events: prompts, sampling parameters, stop strings, usage."""
+"""From prompts to streamed choice events: n samples per prompt, detokenised, cut at stop strings,
+with the usage and timings they add up to."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
-from ember.engine.request import SamplingParams
 from ember.models.tokenizer import IncrementalDetokenizer
-from ember.serving.errors import RequestError
 from ember.serving.models import ServedModel
+from ember.serving.prompts import check_prompts
+from ember.serving.sampling import SamplingPlan, SamplingRequest, plan_sampling
 from ember.serving.stop import StopMatcher
 
-DEFAULT_MAX_TOKENS = 2048
+
+class GenerationRequest(SamplingRequest, Protocol):
+    n: int
+
+    @property
+    def stop_list(self) -> list[str]: ...
 
 
 @dataclass
 class ChoiceEvent:
     index: int
     text: str
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on a choice's last event
 
 
-@dataclass
 class Generation:
-    """All choices of one request (n per prompt) and the usage they add up to."""
+    """All choices of one request (n per prompt, choice i = prompt i // n) and their usage."""
 
-    model: ServedModel
-    prompts: list[list[int]]
-    params: list[SamplingParams]  # one per prompt
-    n: int
-    stops: list[str]
-    sampling_options: dict
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
+    def __init__(self, model: ServedModel, prompts: list[list[int]], plan: SamplingPlan, n: int,
+                 stops: list[str], request_id: str) -> None:
+        self.model, self.prompts, self.plan, self.n, self.stops = model, prompts, plan, n, stops
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.completion_tokens = 0
+        self.cached_tokens = 0
 
     @property
     def num_choices(self) -> int:
         return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)  # once per prompt, however many samples (OpenAI)
+
+    @property
+    def sampling_options(self) -> dict:
+        return self.plan.options
+
+    def time_to_first_token(self) -> float:
+        return (self.first_token_at or time.perf_counter()) - self.started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
-    def timing_headers(self) -> dict[str, str]:
-        now = time.perf_counter()
-        ttft = (self.first_token_at or now) - self.started
-        return {"fireworks-prompt-tokens": str(self.prompt_tokens),
-                "fireworks-cached-prompt-tokens": str(self.cached_tokens),
-                "fireworks-server-time-to-first-token": f"{ttft:.4f}",
-                "fireworks-server-processing-time": f"{now - self.started:.4f}"}
-
     async def _choice(self, index: int) -> AsyncIterator[ChoiceEvent]:
+        """One engine sequence; returning early (stop string, consumer gone) closes it, which aborts it."""
         prompt_index, sample_index = divmod(index, self.n)
-        params = self.params[prompt_index]
-        if params.seed is not None and sample_index:
-            params = SamplingParams(**{**vars(params), "seed": params.seed + sample_index})
-        detok = IncrementalDetokenizer(self.model.tokenizer, skip_special_tokens=True)
+        prompt, params = self.prompts[prompt_index], self.plan.params[prompt_index]
+        if params.seed is not None and sample_index:  # n samples with one seed must still differ
+            params = dataclasses.replace(params, seed=params.seed + sample_index)
+        detok = IncrementalDetokenizer(self.model.tokenizer, skip_special_tokens=True, prefix_ids=prompt)
         matcher = StopMatcher(self.stops)
-        stream = self.model.engine.generate(f"{self.request_id}-{index}", self.prompts[prompt_index], params)
+        stream = self.model.engine.generate(f"{self.request_id}-{index}", prompt, params)
         first = True
         async with aclosing(stream):
             async for out in stream:
@@ -81,14 +87,21 @@ class Generation:
                 self.completion_tokens += len(out.token_ids)
                 text = detok.add(out.token_ids) + (detok.flush() if out.finished else "")
                 emit, stopped = matcher.feed(text)
-                if stopped:
-                    yield ChoiceEvent(index, emit, "stop")
-                    return
-                if out.finished:
-                    yield ChoiceEvent(index, emit + matcher.flush(), out.finish_reason)
+                if stopped or out.finished:
+                    tail = "" if stopped else matcher.flush()
+                    yield ChoiceEvent(index, emit + tail, "stop" if stopped else out.finish_reason)
                     return
                 if emit:
                     yield ChoiceEvent(index, emit)
+
+    async def collect(self) -> list[tuple[str, str | None]]:
+        """(text, finish_reason) of every choice, in order: the non-streaming answer."""
+        texts, reasons = [""] * self.num_choices, [None] * self.num_choices
+        async with aclosing(self.events()) as events:
+            async for ev in events:
+                texts[ev.index] += ev.text
+                reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+        return list(zip(texts, reasons, strict=True))
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """Every choice's events as they come; closing this iterator aborts all unfinished choices."""
@@ -103,11 +116,11 @@ class Generation:
         async def pump(index: int) -> None:
             try:
                 async for event in self._choice(index):
-                    await queue.put(event)
-            except Exception as exc:  # surfaced to the consumer below
-                await queue.put(exc)
+                    queue.put_nowait(event)
+            except Exception as exc:  # re-raised to the consumer below
+                queue.put_nowait(exc)
             finally:
-                await queue.put(done)
+                queue.put_nowait(done)
 
         tasks = [asyncio.create_task(pump(i)) for i in range(self.num_choices)]
         try:
@@ -126,37 +139,9 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def plan_generation(model: ServedModel, request, prompts: list[list[int]], prompt_param: str) -> Generation:
-    """Sampling parameters with the model's defaults, max_tokens fitted to the context, checks."""
-    vocab = model.tokenizer.vocab_size
-    for p in prompts:
-        if any(t >= vocab for t in p):
-            raise RequestError(f"prompt token ids must be below the vocabulary size {vocab}", prompt_param)
-    defaults = model.sampling_defaults
-    temperature = _pick(request.temperature, defaults.get("temperature"), 1.0)
-    top_p = _pick(request.top_p, defaults.get("top_p"), 1.0)
-    top_k = _pick(request.top_k, defaults.get("top_k"), 0)
-    requested = request.requested_max_tokens
-    limit = model.max_model_len
-    params = []
-    for p in prompts:
-        if len(p) >= limit:
-            raise RequestError(f"the prompt is {len(p)} tokens long; this model's context window is {limit} tokens "
-                               "and must leave room for at least one generated token", prompt_param,
-                               code="context_length_exceeded")
-        room = limit - len(p)
-        if request.context_length_exceeded_behavior == "error" and requested is not None and requested > room:
-            raise RequestError(f"prompt ({len(p)} tokens) plus max_tokens ({requested}) exceeds the context window "
-                               f"of {limit} tokens", "max_tokens", code="context_length_exceeded")
-        params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=request.seed,
-                                     max_tokens=min(requested or DEFAULT_MAX_TOKENS, room),
-                                     ignore_eos=request.ignore_eos))
-    options = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-               "max_tokens": params[0].max_tokens if params else None}
-    return Generation(model, prompts, params, request.n, request.stop_list, options)
-
-
-def _pick(requested, model_default, fallback):
-    if requested is not None:
-        return requested
-    return model_default if model_default is not None else fallback
+def plan_generation(model: ServedModel, request: GenerationRequest, prompts: list[list[int]],
+                    prompt_param: str, request_id: str) -> Generation:
+    """Checks the prompts against the model, fills sampling defaults; nothing runs until events()."""
+    check_prompts(prompts, model.vocab_size, model.max_model_len, prompt_param)
+    plan = plan_sampling(request, [len(p) for p in prompts], model.sampling_defaults, model.max_model_len)
+    return Generation(model, prompts, plan, request.n, request.stop_list, request_id)

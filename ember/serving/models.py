@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import AsyncEngine, build_async_engine, resolve_device
-from ember.models.loader import default_model_path, load_model
+from ember.models.loader import default_model_path, load_weights
 from ember.models.tokenizer import Tokenizer
 from ember.serving.errors import RequestError
+from ember.serving.sampling import sampling_defaults
 
 log = logging.getLogger("ember.serving")
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
-# generation_config.json keys that set sampling defaults
-SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ServedModel:
     name: str
     engine: AsyncEngine
     tokenizer: Tokenizer
+    vocab_size: int  # ids a prompt may use: known to both the tokenizer and the model
     sampling_defaults: dict = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -35,24 +36,29 @@ class ServedModel:
         return self.engine.max_model_len
 
 
+def served_name_for(model_path: str | None) -> str:
+    """The bundled model keeps its well-known name; any other is called after its file or folder."""
+    return DEFAULT_SERVED_NAME if model_path is None else Path(model_path).stem.lower()
+
+
 def load_served_model(engine_config: EngineConfig, served_name: str | None = None,
                       generation_config: str | None = None) -> ServedModel:
+    """Weights, tokenizer and engine; `generation_config` (a JSON file) overrides the model's own."""
     path = Path(engine_config.model) if engine_config.model else default_model_path()
-    _, dtype = resolve_device(engine_config)
     started = time.perf_counter()
-    weights, tokenizer = load_model(path, dtype)
+    _, dtype = resolve_device(engine_config)
+    weights = load_weights(path, dtype)
+    tokenizer = Tokenizer.load(path)
     gen = dict(weights.generation_config)
     if generation_config:
         gen.update(json.loads(Path(generation_config).read_text()))
     eos = sorted(set(tokenizer.eos_token_ids) | set(weights.config.eos_token_ids))
     engine = build_async_engine(engine_config, weights, eos)
-    name = served_name or (DEFAULT_SERVED_NAME if engine_config.model is None else path.stem.lower())
-    defaults = {k: gen[k] for k in SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
-    if gen.get("do_sample") is False:
-        defaults["temperature"] = 0.0
+    name = served_name or served_name_for(engine_config.model)
     log.info("model loaded", extra={"model": name, "path": str(path),
                                     "seconds": round(time.perf_counter() - started, 2)})
-    return ServedModel(name, engine, tokenizer, defaults)
+    return ServedModel(name, engine, tokenizer, min(tokenizer.vocab_size, weights.config.vocab_size),
+                       sampling_defaults(gen))
 
 
 class ModelRegistry:
@@ -62,12 +68,11 @@ class ModelRegistry:
         self.models = {m.name: m for m in models}
 
     def get(self, model_id: str) -> ServedModel:
-        name = model_id.removeprefix(FIREWORKS_PREFIX)
-        model = self.models.get(name)
+        model = self.models.get(model_id.removeprefix(FIREWORKS_PREFIX))
         if model is None:
-            raise RequestError(f"model `{model_id}` not found; available: {sorted(self.models)}", "model",
-                               status=404, code="model_not_found")
+            raise RequestError(f"model `{model_id}` not found; this server serves {sorted(self.models)}",
+                               "model", status=404, code="model_not_found")
         return model
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ServedModel]:
         return iter(self.models.values())

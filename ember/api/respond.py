@@ -1,0 +1,74 @@
+"""What chat and text completions share: ids, perf headers, the JSON answer or the SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from ember.api.protocol import GenerationRequest
+from ember.api.sse import ChunkChoice, stream_response
+from ember.serving.generate import Generation
+
+# how often a non-streaming request checks whether its client is still there
+_DISCONNECT_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one endpoint family spells its responses."""
+
+    id_prefix: str  # "chatcmpl" -> ids like chatcmpl-<hex>
+    object: str
+    chunk_object: str
+    choice: ChunkChoice  # a finished choice of a JSON answer
+    delta: ChunkChoice  # the choice object of a streamed chunk
+    opening: Callable[[int], dict] | None = None  # a first chunk per choice (chat announces the role)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _perf(gen: Generation) -> dict[str, str]:
+    return {"fireworks-prompt-tokens": str(gen.prompt_tokens),
+            "fireworks-cached-prompt-tokens": str(gen.cached_tokens),
+            "fireworks-server-time-to-first-token": f"{gen.time_to_first_token():.4f}",
+            "fireworks-server-processing-time": f"{gen.elapsed():.4f}"}
+
+
+def _headers(request: Request, gen: Generation, response_id: str) -> dict[str, str]:
+    """The headers known before the first token: a streaming response can send only these."""
+    return {"x-request-id": request.headers.get("x-request-id") or response_id,
+            "fireworks-prompt-tokens": str(gen.prompt_tokens),
+            "fireworks-sampling-options": json.dumps(gen.sampling_options)}
+
+
+async def respond(request: Request, body: GenerationRequest, gen: Generation, shape: Shape) -> Response:
+    """A JSON answer once every choice finished, or an SSE stream, as the request asked."""
+    response_id = f"{shape.id_prefix}-{gen.request_id}"
+    envelope = {"id": response_id, "created": int(time.time()), "model": body.model}
+    headers = _headers(request, gen, response_id)
+    perf = (lambda: _perf(gen)) if body.perf_metrics_in_response else None
+    if body.stream:
+        opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
+        return stream_response(gen, {**envelope, "object": shape.chunk_object}, shape.delta, opening,
+                               body.include_usage_chunk, perf, headers)
+    task = asyncio.create_task(gen.collect())
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()  # closes the engine streams: their sequences abort and free their KV blocks
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)
+    choices = [shape.choice(i, text, reason) for i, (text, reason) in enumerate(task.result())]
+    content = {**envelope, "object": shape.object, "choices": choices, "usage": gen.usage()}
+    if perf:
+        content["perf_metrics"] = perf()
+    return JSONResponse(content, headers={**headers, **_perf(gen)})

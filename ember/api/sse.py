@@ -1,0 +1,60 @@
+"""Server-sent events: `data: {json}\\n\\n` frames ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+
+from ember.api.errors import error_body
+from ember.serving.generate import Generation
+
+log = logging.getLogger("ember.api")
+
+DONE = "data: [DONE]\n\n"
+
+# (choice index, new text, finish reason or None) -> the choice object of one chunk
+ChunkChoice = Callable[[int, str, str | None], dict]
+
+
+def frame(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def stream_response(gen: Generation, envelope: dict, chunk_choice: ChunkChoice, opening: list[dict],
+                    include_usage: bool, perf_metrics: Callable[[], dict] | None,
+                    headers: dict[str, str]) -> StreamingResponse:
+    """One chunk per event. The chunk that finishes the last choice carries `usage` (Fireworks); with
+    include_usage a final `choices: []` chunk repeats it (OpenAI). Starlette cancels this generator
+    when the client disconnects; closing `gen.events()` then aborts the engine sequences at once."""
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return frame({**envelope, "choices": choices, **extra})
+
+    async def body() -> AsyncIterator[str]:
+        for choice in opening:
+            yield chunk([choice])
+        finished = 0
+        events = gen.events()
+        try:
+            async for ev in events:
+                finished += ev.finish_reason is not None
+                extra = {"usage": gen.usage()} if finished == gen.num_choices else {}
+                if extra and perf_metrics:
+                    extra["perf_metrics"] = perf_metrics()
+                yield chunk([chunk_choice(ev.index, ev.text, ev.finish_reason)], **extra)
+        except Exception:  # headers are gone: report in-band, as OpenAI's SDK expects
+            log.exception("stream failed")
+            yield frame(error_body("internal server error", code="internal_error",
+                                   type_="internal_server_error"))
+            return
+        finally:
+            await events.aclose()
+        if include_usage:
+            yield chunk([], usage=gen.usage())
+        yield DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache"})
