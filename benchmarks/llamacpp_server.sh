@@ -15,7 +15,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llama_cpp.serv
     CMAKE_BUILD_PARALLEL_LEVEL=2 "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.16"
 fi
 GGUF=$(.venv/bin/python -c "from ember.models.loader import default_model_path; print(default_model_path())")
-# n_ctx 8192 matches Ember's context; 2 threads = this machine's cores. llama-cpp-python's server
-# runs one request at a time (no parallel slots), which is what the concurrency-16 column measures.
+# n_ctx 8192 matches Ember's context; 2 threads = this machine's cores; the chat template comes from the GGUF. llama-cpp-python's server
+# runs one request at a time (no parallel slots; queued, not interrupted), which is what the
+# concurrency-16 column measures.
 exec "$VENV/bin/python" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port "$PORT" \
-  --n_ctx 8192 --n_threads 2 --n_threads_batch 2 --n_batch 512 --chat_format chatml
+  --n_ctx 8192 --n_threads 2 --n_threads_batch 2 --n_batch 512 --interrupt_requests False

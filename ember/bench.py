@@ -55,9 +55,12 @@ def parse_sse_line(line: str) -> dict | None:
 
 
 def make_prompt(index: int, approx_tokens: int, seed: int = 0) -> str:
-    """Distinct from its first word on, so a prefix cache cannot serve one request from another."""
+    """Distinct from its first word on, so a prefix cache cannot serve one request from another.
+
+    Sized for SmolLM2's tokenizer and chat template: ~1.16 tokens a word plus ~35 of template.
+    """
     rng = random.Random(seed * 1_000_003 + index)
-    words = [rng.choice(_WORDS) for _ in range(max(1, int(approx_tokens * 0.8)))]
+    words = [rng.choice(_WORDS) for _ in range(max(1, round((approx_tokens - 35) / 1.16)))]
     return f"{index} {rng.random():.6f}: " + " ".join(words) + ". Continue this list."
 
 

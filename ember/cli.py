@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 
@@ -63,8 +65,21 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(ModelRegistry([model]))
     url = f"http://{server.host}:{server.port}/v1"
     print(f"ember: serving {model.name} on {url}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=server.host, port=server.port, log_config=None, log_level=server.log_level,
-                access_log=False)
+    http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_config=None,
+                                         log_level=server.log_level, access_log=False))
+    # The engine loop takes the main thread (torch's CPU kernels are fastest there); HTTP gets another.
+    model.engine.reserve_current_thread()
+
+    def stop(*_: object) -> None:
+        http.should_exit = True
+        model.engine.shutdown()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    http_thread = threading.Thread(target=lambda: (http.run(), stop()), name="ember-http", daemon=True)
+    http_thread.start()
+    model.engine.run()
+    http_thread.join(timeout=10)
     return 0
 
 
