@@ -31,21 +31,21 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def _chain(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple]]:
-        """(hash, key) of the first `num_blocks` full blocks of token_ids."""
-        out, parent, bs = [], 0, self.block_size
-        for i in range(num_blocks):
-            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
-            parent = hash(key)
-            out.append((parent, key))
-        return out
+    def _chain(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple]]:
+        """(hash, key) of seq's first `num_blocks` full blocks, extending the ones already computed
+        (a sequence's tokens never change, so each block is hashed once, not at every commit)."""
+        chain, bs = seq.block_hashes, self.block_size
+        for i in range(len(chain), num_blocks):
+            key = (chain[-1][0] if chain else 0, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            chain.append((hash(key), key))
+        return chain[:num_blocks]
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of seq, leaving at least one token to compute."""
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h, key in self._chain(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
+        for h, key in self._chain(seq, (seq.num_tokens - 1) // self.block_size):
             block = self.cached.get(h)
             if block is None or self.block_keys[block] != key:
                 break
@@ -97,7 +97,7 @@ class BlockManager:
         first, last = old_computed // self.block_size, seq.num_computed_tokens // self.block_size
         if last <= first:
             return
-        for i, (h, key) in enumerate(self._chain(seq.token_ids, last)[first:], start=first):
+        for i, (h, key) in enumerate(self._chain(seq, last)[first:], start=first):
             block = seq.block_table[i]
             if self.block_keys[block] is None:
                 self.block_keys[block] = key
