@@ -26,6 +26,19 @@ _WORDS = ("river mountain carbon quantum violet harbor lantern meadow circuit fa
           "galaxy prism walnut compass anchor glacier velvet mosaic cipher harvest nebula timber").split()
 
 
+# what `--sampling-mix` sends, request i getting entry i % len: every sampler path in one batch
+MIXED_SAMPLING: list[dict[str, Any]] = [
+    {"temperature": 0},
+    {"temperature": 0.8, "top_k": 40},
+    {"temperature": 0.7, "min_p": 0.05},
+    {"temperature": 1.0, "typical_p": 0.9},
+    {"temperature": 1.0, "mirostat_target": 5.0, "mirostat_lr": 0.1},
+    {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.3},
+    {"temperature": 0.7, "logit_bias": {"28": 2.0}, "logprobs": True, "top_logprobs": 5},
+    {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 7},
+]
+
+
 @dataclass
 class BenchConfig:
     """One benchmark run; every field is also a `--kebab-case` flag."""
@@ -38,6 +51,7 @@ class BenchConfig:
     prompt_tokens: int = 100
     endpoint: str = "chat"  # chat | completions
     temperature: float = 0.0
+    sampling_mix: bool = False  # cycle requests through MIXED_SAMPLING instead of one temperature
     ignore_eos: bool = False
     eos_bias: int | None = None
     extra_body: dict[str, Any] | str | None = None
@@ -126,6 +140,8 @@ def build_request(config: BenchConfig, index: int, model: str) -> tuple[str, dic
     body: dict[str, Any] = {"model": model, "max_tokens": config.max_tokens,
                             "temperature": config.temperature,
                             "stream": True, "stream_options": {"include_usage": True}}
+    if config.sampling_mix:
+        body.update(MIXED_SAMPLING[index % len(MIXED_SAMPLING)])
     if config.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
         path = "/chat/completions"
@@ -368,6 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="approximate prompt length in SmolLM2 tokens, template included (default %(default)s)")
     a("--endpoint", choices=["chat", "completions"], default=d.endpoint)
     a("--temperature", type=float, default=d.temperature, help="(default %(default)s)")
+    a("--sampling-mix", action="store_true",
+      help="cycle requests through greedy, top-k, min-p, typical-p, Mirostat, penalties, logit_bias "
+           "and logprobs (overrides --temperature)")
     a("--ignore-eos", action="store_true", help="send ignore_eos: true (Ember, vLLM)")
     a("--eos-bias", type=int, default=None, metavar="TOKEN_ID",
       help="send logit_bias {TOKEN_ID: -100} instead, for servers without ignore_eos")

@@ -88,7 +88,7 @@ def test_prefix_cache_shares_blocks_between_running_sequences(weights):
     engine.add_request("x", prompt + [5, 6], greedy(4))
     engine.add_request("y", prompt + [7, 8], greedy(4))
     engine.step()
-    x, y = engine.seqs["x"], engine.seqs["y"]
+    x, y = engine.seqs["x"][0], engine.seqs["y"][0]
     assert x.block_table[:4] == y.block_table[:4]
     assert all(engine.block_manager.ref_counts[b] == 2 for b in x.block_table[:4])
     run_all(engine, {})

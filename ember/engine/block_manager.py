@@ -42,7 +42,7 @@ class BlockManager:
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of seq, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.scores_prompt:  # scoring needs every prompt position
             return []
         hits = []
         for h, key in self._chain(seq, (seq.num_tokens - 1) // self.block_size):
@@ -82,6 +82,23 @@ class BlockManager:
         seq.block_table = hits + [self._take_free() for _ in range(needed)]
         seq.num_computed_tokens = computed
         return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give child parent's blocks: full ones shared, the partly filled last one copied, since both
+        will write into it. Returns the (source, destination) block to copy, or None if none is needed.
+        The caller checks that a block is free when the last one is partial."""
+        bs, computed = self.block_size, parent.num_computed_tokens
+        shared = parent.block_table[:computed // bs]
+        for b in shared:
+            self.ref_counts[b] += 1
+        child.block_table = list(shared)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = computed
+        if computed % bs == 0:
+            return None
+        copy = self._take_free()
+        child.block_table.append(copy)
+        return parent.block_table[computed // bs], copy
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens) <= self.num_free_blocks

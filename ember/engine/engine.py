@@ -14,9 +14,9 @@ import torch
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
-from ember.engine.request import SamplingParams, StepOutput
+from ember.engine.request import MAX_LOGPROBS, SamplingParams, StepOutput, TokenLogprob
 from ember.engine.runner import ModelRunner
-from ember.engine.sampler import SamplingBatch, sample
+from ember.engine.sampler import prompt_logprobs, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
 from ember.models.llama import LlamaModel
@@ -67,7 +67,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, dict[int, Sequence]] = {}  # request id -> sample index -> live sequence
         self.counters = EngineCounters()
         self._seed_rng = random.Random(config.seed)
         log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
@@ -81,29 +81,47 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
                              f"{self.max_model_len} including at least one generated token")
         vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if any(not 0 <= t < vocab for t in prompt_token_ids) or any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        if params.max_tokens < 0 or params.n < 1:
+            raise ValueError("max_tokens must be at least 0 and n at least 1")
+        if any(k is not None and not 0 <= k <= MAX_LOGPROBS for k in (params.logprobs, params.prompt_logprobs)):
+            raise ValueError(f"logprobs must lie in [0, {MAX_LOGPROBS}]")
+        if params.repetition_penalty <= 0 or (params.mirostat_target is not None and params.mirostat_target <= 0):
+            raise ValueError("repetition_penalty and mirostat_target must be positive")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_token_ids, params)
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
-        generator = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator)
-        self.seqs[request_id] = seq
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       self._generator(params, 0), pending_forks=params.n - 1)
+        self.seqs[request_id] = {0: seq}
         self.scheduler.add(seq)
         self.counters.requests += 1
 
-    def abort(self, request_id: str) -> None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.remove(seq)
+    def abort(self, request_id: str, index: int | None = None) -> list[StepOutput]:
+        """Drop a request's samples (all, or one); an "abort" output for each one that was alive."""
+        samples = self.seqs.get(request_id, {})
+        outputs = []
+        for seq in [s for i, s in samples.items() if index in (None, i)]:
+            self._drop(seq)
+            for i in (seq.index, *range(1, seq.pending_forks + 1)):  # forks never made die with it
+                outputs.append(StepOutput(request_id, [], True, "abort", seq.num_prompt_tokens, index=i))
+        return outputs
+
+    def _drop(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        samples = self.seqs[seq.request_id]
+        del samples[seq.index]
+        if not samples:
+            del self.seqs[seq.request_id]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -116,40 +134,87 @@ class LLMEngine:
             return "length"
         return None
 
+    def _score_prompt(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk's positions predict (position j predicts j + 1)."""
+        targets = seq.token_ids[start + 1:seq.num_prompt_tokens][:logits.shape[0]]
+        if targets:
+            seq.prompt_logprobs[start + 1:start + 1 + len(targets)] = prompt_logprobs(
+                logits[:len(targets)], targets, seq.params.prompt_logprobs)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """Split off a sequence's other n - 1 samples once its prompt is computed: they share its KV
+        blocks (the partly filled last one copied), so the prompt is computed once for all n."""
+        children = []
+        for i in range(1, seq.pending_forks + 1):
+            child = Sequence(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
+                             self._generator(seq.params, i), index=i, num_cached_tokens=seq.num_cached_tokens,
+                             prompt_logprobs=seq.prompt_logprobs)
+            if seq.num_computed_tokens % self.config.block_size == 0 or self.block_manager.num_free_blocks:
+                copy = self.block_manager.fork(seq, child)
+                if copy:
+                    self.runner.copy_block(*copy)
+            self.scheduler.add_fork(child)
+            self.seqs[seq.request_id][i] = child
+            children.append(child)
+        seq.pending_forks = 0
+        return children
+
+    def _prompt_only(self, seq: Sequence) -> list[StepOutput]:
+        """max_tokens 0: the prompt is computed (and scored); every sample ends without a token."""
+        self._drop(seq)
+        return [StepOutput(seq.request_id, [], True, "length", seq.num_prompt_tokens, seq.num_cached_tokens,
+                           index=i, prompt_logprobs=seq.prompt_logprobs) for i in range(seq.params.n)]
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, mu: float | None) -> StepOutput:
+        first = seq.num_output_tokens == 0
+        seq.token_ids.append(token)
+        seq.mirostat_mu = mu
+        self.counters.generated_tokens += 1
+        if first and seq.index == 0:
+            self.counters.cached_tokens += seq.num_cached_tokens
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self._drop(seq)
+        prompt = None
+        if first and seq.prompt_logprobs is not None:
+            prompt, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        return StepOutput(seq.request_id, [token], reason is not None, reason, seq.num_prompt_tokens,
+                          seq.num_cached_tokens, seq.index, None if logprob is None else [logprob], prompt)
+
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.run(batch)
-        sampling = [item for item in batch if item.samples]
-        tokens = sample(logits, SamplingBatch.build([i.seq.params for i in sampling],
-                                                    [i.seq.generator for i in sampling],
-                                                    self.device)).tolist() if sampling else []
         c = self.counters
         c.steps += 1
         c.scheduled_seqs += len(batch)
         c.max_batch_seqs = max(c.max_batch_seqs, len(batch))
+        outputs: list[StepOutput] = []
+        sampling: list[Sequence] = []
+        sampling_rows: list[int] = []  # the logits row each sampling sequence draws from
+        row = 0
         for item in batch:
-            seq = item.seq
+            seq, num_rows, samples = item.seq, item.num_logit_rows, item.samples
             old = seq.num_computed_tokens
+            if seq.scores_prompt:
+                self._score_prompt(seq, old, logits[row:row + num_rows])
             seq.num_computed_tokens += item.num_new_tokens
             if old < seq.num_prompt_tokens:
                 c.prompt_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens) - old
             self.block_manager.commit(seq, old)
-        outputs = []
-        for item, token in zip(sampling, tokens, strict=True):
-            seq = item.seq
-            first = seq.num_output_tokens == 0
-            seq.token_ids.append(token)
-            c.generated_tokens += 1
-            if first:
-                c.cached_tokens += seq.num_cached_tokens
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.remove(seq)
-                del self.seqs[seq.request_id]
-            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason,
-                                      seq.num_prompt_tokens, seq.num_cached_tokens))
+            row += num_rows
+            if not samples:
+                continue
+            if seq.params.max_tokens == 0:
+                outputs += self._prompt_only(seq)
+                continue
+            for s in (seq, *self._fork(seq)):
+                sampling.append(s)
+                sampling_rows.append(row - 1)
+        if sampling:
+            out = sample(logits[sampling_rows], sampling)
+            outputs += map(self._append, sampling, out.token_ids, out.logprobs, out.mirostat_mu)
         return outputs
 
     def stats(self) -> dict[str, int]:
@@ -206,32 +271,34 @@ class AsyncEngine:
             self._commands.append(command)
         self._wake.set()
 
-    def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop all of a request's samples, or one; its stream gets an "abort" output for each."""
+        self._submit(("abort", request_id, index))
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
                        ) -> AsyncIterator[StepOutput]:
-        """Stream the sequence's tokens; closing or cancelling the iterator aborts it at the next step."""
+        """Stream the outputs of all params.n samples until each has finished; closing or cancelling
+        the iterator aborts the unfinished ones at the next step."""
         self.engine.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._submit(("add", request_id, prompt_token_ids, params))
-        finished = False
+        unfinished = params.n
         try:
-            while not finished:
+            while unfinished:
                 out = await queue.get()
                 if isinstance(out, BaseException):
                     raise out
-                finished = out.finished
+                unfinished -= out.finished
                 yield out
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if unfinished:
                 self.abort(request_id)
 
     def _deliver(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
@@ -244,24 +311,23 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _apply(self, command: tuple) -> tuple[str, BaseException] | None:
+    def _apply(self, command: tuple) -> list[StepOutput | tuple[str, BaseException]]:
         if command[0] == "abort":
-            self.engine.abort(command[1])
-            return None
+            return self.engine.abort(command[1], command[2])
         _, request_id, prompt, params = command
         try:
             self.engine.add_request(request_id, prompt, params)
         except ValueError as exc:
-            return (request_id, exc)
-        return None
+            return [(request_id, exc)]
+        return []
 
     def _run(self) -> None:
         while not self._stopping:
             with self._lock:
                 commands, self._commands = self._commands, []
-            failures = [f for f in map(self._apply, commands) if f is not None]
-            if failures:
-                self._deliver(failures)
+            replies = [r for command in commands for r in self._apply(command)]
+            if replies:
+                self._deliver(replies)
             if not self.engine.has_work():
                 self._wake.wait()
                 self._wake.clear()

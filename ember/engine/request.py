@@ -4,26 +4,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top alternatives per position the engine will compute
+
 
 @dataclass
 class SamplingParams:
-    """What one sequence asks of the sampler and the stopping rules the engine enforces.
+    """What one request asks of the sampler and the stopping rules the engine enforces.
 
     Stop *strings* are not here: they need text, so the serving layer applies them and aborts.
+    The sampler's module docstring gives the order in which these apply.
     """
 
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or less means off
-    seed: int | None = None
-    max_tokens: int = 16
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0  # transformers': over prompt and output tokens, multiplicative
+    frequency_penalty: float = 0.0  # OpenAI's: over output tokens, per occurrence
+    presence_penalty: float = 0.0  # OpenAI's: over output tokens, once
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    mirostat_target: float | None = None  # tau in bits; set = Mirostat v2 replaces min/top/typical filters
+    mirostat_lr: float = 0.1  # eta
+    seed: int | None = None  # sample i of n uses seed + i
+    n: int = 1  # samples sharing one prefill of the prompt
+    max_tokens: int = 16  # 0: compute the prompt (and its logprobs) only, generate nothing
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: each new token's logprob and the k likeliest
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class TokenLogprob:
+    """log-softmax of the model's raw logits (before penalties, bias, temperature and filters)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this position, most likely first
 
 
 @dataclass
 class StepOutput:
-    """New tokens for one sequence from one engine step (possibly several, never zero unless finished)."""
+    """New tokens for one sample of a request from one engine step (never zero unless finished)."""
 
     request_id: str
     token_ids: list[int]
@@ -31,3 +58,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS / stop token), "length", "abort"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when params.logprobs is set
+    # on a sample's first output, when params.prompt_logprobs is set: one per prompt token, the first None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

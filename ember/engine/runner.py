@@ -56,8 +56,7 @@ class ModelRunner:
                 prefills.append((len(input_ids), item.num_new_tokens, end, blocks.to(device)))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            if item.samples:
-                logit_rows.append(len(input_ids) - 1)
+            logit_rows.extend(range(len(input_ids) - item.num_logit_rows, len(input_ids)))
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(device),
             num_decodes=len(decode_blocks), decode_blocks=None, decode_mask=None, prefills=prefills,
@@ -70,8 +69,13 @@ class ModelRunner:
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(logit_rows, device=device, dtype=torch.long))
 
+    def copy_block(self, source: int, destination: int) -> None:
+        for k, v in self.kv_caches:
+            k[destination] = k[source]
+            v[destination] = v[source]
+
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Logits [num sampling sequences, vocab] in float32, in batch order."""
+        """Logits [sum of the items' num_logit_rows, vocab] in float32, in batch order."""
         input_ids, positions, meta, logit_rows = self.prepare(batch)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         return self.model.logits(hidden[logit_rows])

@@ -27,6 +27,12 @@ class ScheduledSeq:
         """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def num_logit_rows(self) -> int:
+        """Positions whose logits are needed: all of a chunk whose prompt is being scored, else the
+        last one if it samples."""
+        return self.num_new_tokens if self.seq.scores_prompt else int(self.samples)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
@@ -42,6 +48,18 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def add_fork(self, child: Sequence) -> None:
+        """A sample split off a running sequence: it runs alongside if it got its blocks and there is
+        room, else it waits to recompute its prompt (mostly from the prefix cache)."""
+        child.admitted = True
+        if child.block_table and len(self.running) < self.max_num_seqs:
+            child.status = SeqStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.block_manager.release(child)
+            child.status = SeqStatus.WAITING
+            self.waiting.appendleft(child)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and release its blocks."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ember.engine.request import SamplingParams
+from ember.engine.request import SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -29,7 +29,26 @@ class Sequence:
     block_hashes: list[tuple[int, tuple]] = field(default_factory=list)  # (chained hash, key) per full block
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     admitted: bool = False
-    finish_reason: str | None = None
+    index: int = 0  # which of its request's n samples
+    pending_forks: int = 0  # samples still to split off this one once its prompt is computed
+    mirostat_mu: float | None = None  # Mirostat's running surprise bound
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while the prompt is computed
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.params.mirostat_target is not None and self.mirostat_mu is None:
+            self.mirostat_mu = 2 * self.params.mirostat_target  # Mirostat's own initialisation
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.request_id, self.index
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's own tokens still need logprobs (so its KV must be computed, not cached)."""
+        return self.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def num_tokens(self) -> int:
@@ -38,3 +57,7 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
