@@ -83,3 +83,27 @@ def test_invalid_request_raises_value_error(weights):
             asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_one_stream_carries_all_n_samples_and_ends_after_each_finished_or_aborted(weights):
+    engine = AsyncEngine(make_engine(weights))
+    engine.start()
+
+    async def main():
+        counts, reasons = {}, {}
+        params = greedy(12, n=3)
+        async for out in engine.generate("r", _prompts(1)[0], params):
+            counts[out.index] = counts.get(out.index, 0) + len(out.token_ids)
+            if out.index == 1 and counts[1] == 2:
+                engine.abort("r", 1)
+            if out.finished:
+                reasons[out.index] = out.finish_reason
+        return counts, reasons
+
+    try:
+        counts, reasons = asyncio.run(main())
+        assert reasons == {0: "length", 1: "abort", 2: "length"}
+        assert counts[0] == counts[2] == 12 and 2 <= counts[1] < 12
+        assert engine.stats()["kv_blocks_used"] == 0
+    finally:
+        engine.shutdown()
