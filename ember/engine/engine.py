@@ -172,7 +172,8 @@ class LLMEngine:
         self.counters.generated_tokens += 1
         if first and seq.index == 0:
             self.counters.cached_tokens += seq.num_cached_tokens
-        reason = self._finish_reason(seq, token)
+        grammar_ended = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_terminated())
+        reason = "stop" if grammar_ended else self._finish_reason(seq, token)
         if reason is not None:
             self._drop(seq)
         prompt = None

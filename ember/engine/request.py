@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.structured.backend import Grammar
 
 MAX_LOGPROBS = 20  # top alternatives per position the engine will compute
 
@@ -33,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k >= 0: each new token's logprob and the k likeliest
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    grammar: Grammar | None = None  # constrains every sample; it ends when the grammar is complete
 
     @property
     def greedy(self) -> bool:

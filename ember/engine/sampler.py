@@ -3,21 +3,22 @@
 Order of operations, per row (vLLM's order, with typical_p and Mirostat where llama.cpp puts them;
 each step sees the output of the ones before it):
   0. logprobs, when asked: log-softmax of the raw logits, kept aside for the sampled token and the
-     row's k likeliest tokens (what is reported never depends on the filters below);
-  1. logit_bias is added;
-  2. penalties: repetition (transformers': over prompt and output tokens, positive logits divided by
+     row's k likeliest tokens (what is reported never depends on the steps below);
+  1. grammar: a constrained row's disallowed tokens are masked, before anything else can prefer them;
+  2. logit_bias is added;
+  3. penalties: repetition (transformers': over prompt and output tokens, positive logits divided by
      the penalty, negative ones multiplied), then frequency and presence (OpenAI's: over output
      tokens, logit -= count * frequency_penalty + (count > 0) * presence_penalty);
-  3. greedy rows (temperature 0) take the argmax of these logits and stop here;
-  4. temperature divides the logits;
-  5. Mirostat v2 rows keep the tokens whose surprise -log2 p is at most the row's mu (always the
+  4. greedy rows (temperature 0) take the argmax of these logits and stop here;
+  5. temperature divides the logits;
+  6. Mirostat v2 rows keep the tokens whose surprise -log2 p is at most the row's mu (always the
      likeliest), draw from them renormalised, and move mu by lr * (target - observed surprise);
-     they skip 6-9, as in llama.cpp;
-  6. min_p: drop tokens less likely than min_p times the likeliest;
-  7. top_k: keep the k likeliest;
-  8. typical_p: keep the tokens whose surprise is closest to the entropy, up to that much mass;
-  9. top_p: keep the likeliest tokens up to that much mass;
- 10. draw: the inverse CDF of the row's distribution at one uniform number from the row's own
+     they skip 7-10, as in llama.cpp;
+  7. min_p: drop tokens less likely than min_p times the likeliest;
+  8. top_k: keep the k likeliest;
+  9. typical_p: keep the tokens whose surprise is closest to the entropy, up to that much mass;
+ 10. top_p: keep the likeliest tokens up to that much mass;
+ 11. draw: the inverse CDF of the row's distribution at one uniform number from the row's own
      generator, so a seeded request draws the same numbers whatever shares its batch.
 
 Each filter masks logits to -inf and works on the rows that ask for it only; parameters travel as
@@ -35,6 +36,7 @@ from typing import Protocol
 import torch
 
 from ember.engine.request import SamplingParams, TokenLogprob
+from ember.structured.backend import Matcher, bitmask_words, unpack_bitmask
 
 _FIRST_WINDOW = 256  # topk's cost hardly depends on k this small; most kept sets fit
 _NEG_INF = float("-inf")
@@ -48,6 +50,7 @@ class SamplingRow(Protocol):
     token_ids: list[int]
     num_prompt_tokens: int
     mirostat_mu: float | None
+    matcher: Matcher | None
 
 
 @dataclass
@@ -55,6 +58,14 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]  # for rows whose params ask for logprobs
     mirostat_mu: list[float | None]  # each row's updated mu (None for rows without Mirostat)
+
+
+def apply_grammar(logits: torch.Tensor, matchers: list[Matcher]) -> torch.Tensor:
+    bitmask = torch.zeros(len(matchers), bitmask_words(logits.shape[-1]), dtype=torch.int32)
+    for row, matcher in enumerate(matchers):
+        matcher.fill_bitmask(bitmask, row)
+    allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[-1])
+    return logits.masked_fill(~allowed, _NEG_INF)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
@@ -149,7 +160,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     return torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-# steps 6-9 of the module docstring: (parameter, whether a value turns the filter on, filter, dtype)
+# steps 7-10 of the module docstring: (parameter, whether a value turns the filter on, filter, dtype)
 _FILTERS = (
     ("min_p", lambda v: v > 0, apply_min_p, torch.float32),
     ("top_k", lambda v: v > 0, apply_top_k, torch.long),
@@ -211,11 +222,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     params = [r.params for r in rows]
     device = logits.device
     x = logits
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
     biased = _rows(params, lambda p: bool(p.logit_bias))
     repeat = _rows(params, lambda p: p.repetition_penalty != 1)
     penal = _rows(params, lambda p: p.frequency_penalty != 0 or p.presence_penalty != 0)
-    if biased or repeat or penal:
+    if constrained or biased or repeat or penal:
         x = logits.clone()
+        _on_rows(x, constrained, apply_grammar, [rows[r].matcher for r in constrained])
         _on_rows(x, biased, apply_logit_bias, [params[r].logit_bias for r in biased])
         _on_rows(x, repeat, apply_repetition_penalty, [rows[r].token_ids for r in repeat],
                  _values(params, repeat, "repetition_penalty", device))
@@ -225,10 +238,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
                  _values(params, penal, "presence_penalty", device))
     mu: list[float | None] = [r.mirostat_mu for r in rows]
     random_rows = _rows(params, lambda p: not p.greedy)
-    if len(random_rows) < len(rows):
-        tokens = x.argmax(-1)  # the random rows' entries are overwritten below
-    else:
-        tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+    # greedy rows' tokens; random rows' entries are overwritten below
+    tokens = x.argmax(-1) if len(random_rows) < len(rows) else torch.empty(len(rows), dtype=torch.long, device=device)
     if random_rows:
         index = torch.tensor(random_rows, device=device)
         sub = [params[r] for r in random_rows]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.engine.request import SamplingParams, TokenLogprob
+from ember.structured.backend import Matcher
 
 
 class SeqStatus(enum.Enum):
@@ -34,12 +35,15 @@ class Sequence:
     mirostat_mu: float | None = None  # Mirostat's running surprise bound
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while the prompt is computed
     prompt_logprobs_sent: bool = False
+    matcher: Matcher | None = None  # this sample's place in params.grammar
 
     def __post_init__(self) -> None:
         if self.params.mirostat_target is not None and self.mirostat_mu is None:
             self.mirostat_mu = 2 * self.params.mirostat_target  # Mirostat's own initialisation
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None] * self.num_prompt_tokens
+        if self.params.grammar is not None and self.matcher is None:
+            self.matcher = self.params.grammar.matcher()
 
     @property
     def key(self) -> tuple[str, int]:

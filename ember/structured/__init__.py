@@ -1,0 +1,1 @@
+"""Constrained decoding: grammars compiled once, matched token by token, behind one small interface."""
