@@ -73,8 +73,9 @@ def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> to
     cols = [t for b in biases for t in b]
     values = [v for b in biases for v in b.values()]
     bias = torch.tensor(values, dtype=logits.dtype, device=logits.device)
-    return logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                            bias, accumulate=True)
+    index = (torch.tensor(rows, dtype=torch.long, device=logits.device),
+             torch.tensor(cols, dtype=torch.long, device=logits.device))
+    return logits.index_put(index, bias, accumulate=True)
 
 
 def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
