@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ember.models.loader import default_model_path
+from ember.models.tokenizer import Tokenizer
 from tests.server import TINY_BLOCK_SIZE, TINY_GENERATION_CONFIG, TINY_KV_BLOCKS, TINY_MODEL, Server, launch
 
 
@@ -29,3 +31,9 @@ def tiny_server(tmp_path_factory) -> Iterator[Server]:
     with launch(*args, model=TINY_MODEL, env={"EMBER_NUM_KV_BLOCKS": str(TINY_KV_BLOCKS)},
                 log=folder / "serve.log") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    """The bundled model's tokenizer, to build prompts and read answers as the server does."""
+    return Tokenizer.load(default_model_path())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import openai
 MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny"
 TINY_KV_BLOCKS, TINY_BLOCK_SIZE = 12, 16  # 192 tokens of KV cache in all: also the context window
-TINY_GENERATION_CONFIG = {"temperature": 0.5, "top_k": 7}
+TINY_GENERATION_CONFIG = {"temperature": 0.5, "top_k": 7, "min_p": 0.05}
 
 
 @dataclass
@@ -36,6 +37,14 @@ class Server:
 
     def post(self, path: str, body: dict | None = None, **kw) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=kw.pop("timeout", 60), **kw)
+
+    def stream(self, path: str, body: dict) -> list[dict]:
+        """The JSON events of a streamed answer, read raw (the SDKs hide fields); checks the [DONE] end."""
+        with httpx.stream("POST", f"{self.url}{path}", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(d) for d in data[:-1]]
 
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/v1/engine/stats").json()[self.model]

@@ -34,13 +34,13 @@ def test_response_shape_usage_and_headers(server):
     assert float(raw.headers["fireworks-server-processing-time"]) >= \
         float(raw.headers["fireworks-server-time-to-first-token"]) > 0
     assert json.loads(raw.headers["fireworks-sampling-options"]) == {
-        "temperature": 0, "top_p": 1, "top_k": 0, "max_tokens": 12}
+        "temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0, "typical_p": 1, "max_tokens": 12}
 
 
 def test_defaults_without_a_generation_config_are_openai_s(server):
     raw = server.client().chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=2)
     options = json.loads(raw.headers["fireworks-sampling-options"])
-    assert options == {"temperature": 1, "top_p": 1, "top_k": 0, "max_tokens": 2}
+    assert options == {"temperature": 1, "top_p": 1, "top_k": 0, "min_p": 0, "typical_p": 1, "max_tokens": 2}
 
 
 def test_stream_equals_non_stream_at_temperature_zero(server):

@@ -7,16 +7,9 @@ import json
 import pytest
 from fireworks import Fireworks
 
-from ember.models.loader import default_model_path
-from ember.models.tokenizer import Tokenizer
 from tests.server import MODEL, TINY_BLOCK_SIZE, TINY_GENERATION_CONFIG, TINY_KV_BLOCKS
 
 PROMPT = "The three primary colours are"
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.load(default_model_path())
 
 
 def test_stream_equals_non_stream_at_temperature_zero(server):
@@ -97,7 +90,7 @@ def test_generation_config_sets_the_defaults(tiny_server):
     client = tiny_server.client()
     raw = client.completions.with_raw_response.create(model=tiny_server.model, prompt=PROMPT, max_tokens=1)
     assert json.loads(raw.headers["fireworks-sampling-options"]) == {
-        "top_p": 1.0, **TINY_GENERATION_CONFIG, "max_tokens": 1}
+        "top_p": 1.0, "typical_p": 1.0, **TINY_GENERATION_CONFIG, "max_tokens": 1}
     raw = client.completions.with_raw_response.create(model=tiny_server.model, prompt=PROMPT, max_tokens=1,
                                                       temperature=0, extra_body={"top_k": 0})
     options = json.loads(raw.headers["fireworks-sampling-options"])

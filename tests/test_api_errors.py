@@ -27,7 +27,9 @@ CHAT_ERRORS = [
     (chat(temperature=3), 400, "temperature", "invalid_value"),
     (chat(top_p=1.5), 400, "top_p", "invalid_value"),
     (chat(top_k=-1), 400, "top_k", "invalid_value"),
+    (chat(top_k=101), 400, "top_k", "invalid_value"),
     (chat(n=0), 400, "n", "invalid_value"),
+    (chat(n=129), 400, "n", "invalid_value"),
     (chat(max_tokens=0), 400, "max_tokens", "invalid_value"),
     (chat(max_tokens="5"), 400, "max_tokens", "invalid_value"),
     (chat(max_tokens=5, max_completion_tokens=5), 400, "max_completion_tokens", "invalid_value"),
@@ -42,13 +44,48 @@ CHAT_ERRORS = [
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", "invalid_value"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
      "messages[0].content[0].type", "unsupported_parameter"),
-    (chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported_parameter"),
     (chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_parameter"),
+    (chat(tool_choice="required"), 400, "tool_choice", "unsupported_parameter"),
+    (chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_parameter"),
+    (chat(reasoning_effort=True), 400, "reasoning_effort", "unsupported_parameter"),
+    (chat(safe_tokenization=True), 400, "safe_tokenization", "unsupported_parameter"),
+    (chat(images=[]), 400, "images", "unknown_field"),  # completions only
+    (chat(prompt_truncate_len=0), 400, "prompt_truncate_len", "invalid_value"),
+    (chat(prompt_truncate_len=3), 400, "prompt_truncate_len", "invalid_request_error"),  # cannot fit
     (chat(model="no-such-model"), 404, "model", "model_not_found"),
     (chat(model="accounts/fireworks/models/no-such-model"), 404, "model", "model_not_found"),
     (chat(messages=[{"role": "user", "content": "hi " * 9000}]), 400, "messages", "context_length_exceeded"),
 ]
+
+# every sampling and inspection field, outside the Fireworks schema's range (OpenAI's where it is silent)
+FIELD_ERRORS = [
+    ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"), ({"typical_p": 1.01}, "typical_p"),
+    ({"typical_p": "high"}, "typical_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 2.5}, "repetition_penalty"), ({"frequency_penalty": 2.1}, "frequency_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": -2.5}, "presence_penalty"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"), ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"mirostat_target": 0}, "mirostat_target"),
+    ({"mirostat_target": "5"}, "mirostat_target"), ({"mirostat_lr": 1.5}, "mirostat_lr"),
+    ({"mirostat_lr": -0.1}, "mirostat_lr"), ({"logprobs": 6}, "logprobs"), ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": False, "top_logprobs": 3}, "top_logprobs"), ({"echo": "yes"}, "echo"),
+    ({"echo": 1}, "echo"), ({"echo_last": -1}, "echo_last"), ({"echo_last": True}, "echo_last"),
+    ({"raw_output": 1}, "raw_output"), ({"return_token_ids": "true"}, "return_token_ids"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_tokens": -1, "echo": True}, "max_tokens"), ({"seed": 1.5}, "seed"), ({"ignore_eos": "no"}, "ignore_eos"),
+    ({"service_tier": "gold"}, "service_tier"), ({"metadata": {"k": 1}}, "metadata.k"), ({"user": 5}, "user"),
+]
+
+
+@pytest.mark.parametrize("path,make", [("/v1/chat/completions", chat), ("/v1/completions", completion)])
+@pytest.mark.parametrize("fields,param", FIELD_ERRORS)
+def test_field_errors_name_the_field(server, path, make, fields, param):
+    _check(server.post(path, make(**fields)), 400, param, "invalid_value")
+
 
 COMPLETION_ERRORS = [
     (completion(prompt=[[]]), 400, "prompt[0]", "invalid_value"),
@@ -57,9 +94,12 @@ COMPLETION_ERRORS = [
     (completion(prompt=[-1]), 400, "prompt[0]", "invalid_value"),
     (completion(prompt=""), 400, "prompt", "invalid_request_error"),
     (completion(prompt=None), 400, "prompt", "invalid_value"),
-    (completion(echo=True), 400, "echo", "unsupported_parameter"),
-    (completion(logprobs=0), 400, "logprobs", "unsupported_parameter"),
     (completion(seed=2**70), 400, "seed", "invalid_value"),
+    (completion(logit_bias={"49152": 1}), 400, "logit_bias", "invalid_request_error"),  # past the vocabulary
+    (completion(prompt_truncate_len=10), 400, "prompt_truncate_len", "unknown_field"),  # chat only
+    (completion(tools=[]), 400, "tools", "unknown_field"),
+    (completion(images=["data:image/png;base64,AAAA"]), 400, "images", "unsupported_parameter"),
+    (completion(response_format={"type": "json_object"}), 400, "response_format", "unsupported_parameter"),
 ]
 
 

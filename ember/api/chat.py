@@ -15,9 +15,9 @@ router = APIRouter()
 SHAPE = Shape(
     id_prefix="chatcmpl", object="chat.completion", chunk_object="chat.completion.chunk",
     choice=lambda i, text, reason: {"index": i, "message": {"role": "assistant", "content": text},
-                                    "finish_reason": reason, "logprobs": None},
+                                    "finish_reason": reason},
     delta=lambda i, text, reason: {"index": i, "delta": {"content": text} if text else {},
-                                   "finish_reason": reason, "logprobs": None},
+                                   "finish_reason": reason},
     opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                        "logprobs": None},
 )
@@ -26,6 +26,6 @@ SHAPE = Shape(
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     model = request.app.state.registry.get(body.model)
-    prompt = chat_prompt(model.tokenizer, [m.for_template() for m in body.messages])
+    prompt = chat_prompt(model.tokenizer, [m.for_template() for m in body.messages], body.prompt_truncate_len)
     gen = plan_generation(model, body, [prompt], "messages", new_request_id())
     return await respond(request, body, gen, SHAPE)

@@ -14,11 +14,11 @@ router = APIRouter()
 
 
 def _choice(i: int, text: str, reason: str | None) -> dict:
-    return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+    return {"index": i, "text": text, "finish_reason": reason}
 
 
 SHAPE = Shape(id_prefix="cmpl", object="text_completion", chunk_object="text_completion",
-              choice=_choice, delta=_choice)
+              choice=_choice, delta=_choice, prompt_ids_per_choice=True)
 
 
 @router.post("/completions")

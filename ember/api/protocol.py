@@ -1,8 +1,10 @@
-"""Request bodies in Fireworks' schema (a superset of OpenAI's).
+"""Request bodies in Fireworks' schema (a superset of OpenAI's), ranges as its docstrings give them
+(OpenAI's where Fireworks is silent).
 
-Unknown fields are rejected. Fields of the schema that Ember does not implement yet are accepted
-only at values that change nothing (e.g. `frequency_penalty: 0`); any other value is a 400 naming
-the field, never silently ignored. Types are strict: `"max_tokens": "5"` is a mistake, not a 5.
+Unknown fields are rejected. Fields of the schema that Ember does not implement yet (tools,
+structured outputs, reasoning controls, ...) are accepted only at values that change nothing;
+any other value is a 400 naming the field, never silently ignored. Types are strict:
+`"max_tokens": "5"` is a mistake, not a 5.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # field -> the values at which it is harmless today; every other non-null value is refused for now
 NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "echo": (False,), "echo_last": (0,), "frequency_penalty": (0,), "presence_penalty": (0,),
-    "repetition_penalty": (1,), "logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,),
-    "min_p": (0,), "typical_p": (1,), "mirostat_lr": (), "mirostat_target": (), "raw_output": (False,),
-    "return_token_ids": (False,), "prompt_truncate_len": (), "response_format": ({"type": "text"},),
-    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "functions": ([],), "function_call": ("none", "auto"), "prediction": (), "speculation": (),
-    "reasoning_effort": ("none",), "reasoning_history": (), "thinking": ({"type": "disabled"},),
-    "images": ([],), "safe_tokenization": (False,),
+    "response_format": ({"type": "text"},), "prediction": (), "speculation": (),
+    "reasoning_effort": ("none", False), "reasoning_history": (), "thinking": ({"type": "disabled"},),
 }
+CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {
+    **NOT_YET_SUPPORTED, "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none", "auto"), "safe_tokenization": (False,),
+}
+COMPLETION_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "images": ([],)}
+MAX_LOGPROBS = 5  # alternatives per position a client may ask for (Fireworks' limit)
 
 
 class FieldError(ValueError):
@@ -101,22 +103,35 @@ class ChatMessage(_Strict):
 class GenerationRequest(_Strict):
     """Fields shared by chat and text completions."""
 
-    not_yet: ClassVar[dict[str, tuple]] = NOT_YET_SUPPORTED
-
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 only to score an echoed prompt
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    typical_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None  # 0 would divide by zero
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
+    mirostat_target: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # tau, in bits
+    mirostat_lr: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     ignore_eos: bool = False
+    # true: OpenAI's format with `top_logprobs` alternatives; an int: the legacy format with that many
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None
+    echo_last: Annotated[int, Field(ge=0)] | None = None
+    raw_output: bool | None = None
+    return_token_ids: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     context_length_exceeded_behavior: Literal["error", "truncate"] = "truncate"
-    # accepted; they label the request and do not change what is generated
+    # accepted and kept; they label the request and do not change what is generated
     user: str | None = None
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
@@ -125,10 +140,17 @@ class GenerationRequest(_Strict):
     perf_metrics_in_response: bool | None = None
 
     @model_validator(mode="after")
-    def _one_max(self) -> GenerationRequest:
+    def _consistent(self) -> GenerationRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise FieldError("max_completion_tokens",
                              "give max_tokens or its alias max_completion_tokens, not both")
+        if self.requested_max_tokens == 0 and not self.wants_echo:
+            raise FieldError("max_tokens" if self.max_tokens is not None else "max_completion_tokens",
+                             "max_tokens may be 0 only with echo or echo_last (to score the prompt)")
+        if self.top_logprobs and self.logprobs in (None, False):
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if any(not (k.isascii() and k.isdigit()) for k in self.logit_bias or {}):
+            raise FieldError("logit_bias", "logit_bias keys must be token ids (decimal integers as strings)")
         return self
 
     @property
@@ -144,14 +166,43 @@ class GenerationRequest(_Strict):
     def include_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per position, or None when no logprobs were asked for; top_logprobs, when
+        given, overrides the legacy integer (as Fireworks documents)."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.top_logprobs is not None or self.logprobs is True:
+            return self.top_logprobs or 0
+        return self.logprobs
+
+    @property
+    def legacy_logprobs(self) -> bool:
+        """`logprobs: <int>` asks for the legacy {tokens, token_logprobs, ...} format."""
+        return self.logprobs is not None and not isinstance(self.logprobs, bool)
+
+    @property
+    def wants_echo(self) -> bool:
+        return bool(self.echo or self.echo_last)
+
+    def echo_count(self, prompt_len: int) -> int:
+        """How many trailing prompt tokens come back ahead of the completion."""
+        return prompt_len if self.echo else min(self.echo_last or 0, prompt_len)
+
 
 class ChatCompletionRequest(GenerationRequest):
+    not_yet: ClassVar[dict[str, tuple]] = CHAT_NOT_YET_SUPPORTED
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # drop the oldest non-system messages until the rendered prompt has at most this many tokens
+    prompt_truncate_len: Annotated[int, Field(ge=1)] | None = None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(GenerationRequest):
+    not_yet: ClassVar[dict[str, tuple]] = COMPLETION_NOT_YET_SUPPORTED
+
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1)]

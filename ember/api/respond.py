@@ -13,11 +13,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ember.api.protocol import GenerationRequest
-from ember.api.sse import ChunkChoice, stream_response
-from ember.serving.generate import Generation
+from ember.api.sse import stream_response
+from ember.serving.generate import ChoiceEvent, Generation
 
 # how often a non-streaming request checks whether its client is still there
 _DISCONNECT_POLL_S = 0.2
+
+# (choice index, new text, finish reason or None) -> the choice object of a response or of a chunk
+ChunkChoice = Callable[[int, str, str | None], dict]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Shape:
     choice: ChunkChoice  # a finished choice of a JSON answer
     delta: ChunkChoice  # the choice object of a streamed chunk
     opening: Callable[[int], dict] | None = None  # a first chunk per choice (chat announces the role)
+    # return_token_ids: completions give each choice its prompt's ids; chat gives its one prompt's at the top
+    prompt_ids_per_choice: bool = False
 
 
 def new_request_id() -> str:
@@ -54,12 +59,18 @@ async def respond(request: Request, body: GenerationRequest, gen: Generation, sh
     """A JSON answer once every choice finished, or an SSE stream, as the request asked."""
     response_id = f"{shape.id_prefix}-{gen.request_id}"
     envelope = {"id": response_id, "created": int(time.time()), "model": body.model}
+    top = {"prompt_token_ids": gen.prompts[0].token_ids} \
+        if body.return_token_ids and not shape.prompt_ids_per_choice else {}
     headers = _headers(request, gen, response_id)
     perf = (lambda: _perf(gen)) if body.perf_metrics_in_response else None
+
+    def choice(make: ChunkChoice, ev: ChoiceEvent) -> dict:
+        return {**make(ev.index, ev.text, ev.finish_reason), **gen.choice_fields(ev, shape.prompt_ids_per_choice)}
+
     if body.stream:
         opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
-        return stream_response(gen, {**envelope, "object": shape.chunk_object}, shape.delta, opening,
-                               body.include_usage_chunk, perf, headers)
+        return stream_response(gen, {**envelope, "object": shape.chunk_object}, lambda ev: choice(shape.delta, ev),
+                               opening, top, body.include_usage_chunk, perf, headers)
     task = asyncio.create_task(gen.collect())
     while not task.done():
         await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
@@ -67,8 +78,8 @@ async def respond(request: Request, body: GenerationRequest, gen: Generation, sh
             task.cancel()  # closes the engine streams: their sequences abort and free their KV blocks
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    choices = [shape.choice(i, text, reason) for i, (text, reason) in enumerate(task.result())]
-    content = {**envelope, "object": shape.object, "choices": choices, "usage": gen.usage()}
+    choices = [choice(shape.choice, ev) for ev in task.result()]
+    content = {**envelope, "object": shape.object, **top, "choices": choices, "usage": gen.usage()}
     if perf:
         content["perf_metrics"] = perf()
     return JSONResponse(content, headers={**headers, **_perf(gen)})

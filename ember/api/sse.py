@@ -9,29 +9,30 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from ember.api.errors import error_body
-from ember.serving.generate import Generation
+from ember.serving.generate import ChoiceEvent, Generation
 
 log = logging.getLogger("ember.api")
 
 DONE = "data: [DONE]\n\n"
-
-# (choice index, new text, finish reason or None) -> the choice object of one chunk
-ChunkChoice = Callable[[int, str, str | None], dict]
 
 
 def frame(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def stream_response(gen: Generation, envelope: dict, chunk_choice: ChunkChoice, opening: list[dict],
-                    include_usage: bool, perf_metrics: Callable[[], dict] | None,
-                    headers: dict[str, str]) -> StreamingResponse:
-    """One chunk per event. The chunk that finishes the last choice carries `usage` (Fireworks); with
-    include_usage a final `choices: []` chunk repeats it (OpenAI). Starlette cancels this generator
-    when the client disconnects; closing `gen.events()` then aborts the engine sequences at once."""
+def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[ChoiceEvent], dict],
+                    opening: list[dict], first_extra: dict, include_usage: bool,
+                    perf_metrics: Callable[[], dict] | None, headers: dict[str, str]) -> StreamingResponse:
+    """One chunk per event; `first_extra` (top-level fields) rides on the first chunk. The chunk that
+    finishes the last choice carries `usage` (Fireworks); with include_usage a final `choices: []`
+    chunk repeats it (OpenAI). Starlette cancels this generator when the client disconnects; closing
+    `gen.events()` then aborts the engine sequences at once."""
+    pending_extra = dict(first_extra)
 
     def chunk(choices: list[dict], **extra) -> str:
-        return frame({**envelope, "choices": choices, **extra})
+        data = {**envelope, **pending_extra, "choices": choices, **extra}
+        pending_extra.clear()
+        return frame(data)
 
     async def body() -> AsyncIterator[str]:
         for choice in opening:
@@ -44,7 +45,7 @@ def stream_response(gen: Generation, envelope: dict, chunk_choice: ChunkChoice, 
                 extra = {"usage": gen.usage()} if finished == gen.num_choices else {}
                 if extra and perf_metrics:
                     extra["perf_metrics"] = perf_metrics()
-                yield chunk([chunk_choice(ev.index, ev.text, ev.finish_reason)], **extra)
+                yield chunk([chunk_choice(ev)], **extra)
         except Exception:  # headers are gone: report in-band, as OpenAI's SDK expects
             log.exception("stream failed")
             yield frame(error_body("internal server error", code="internal_error",

@@ -1,43 +1,126 @@
-"""From prompts to streamed choice events: n samples per prompt, detokenised, cut at stop strings,
-with the usage and timings they add up to."""
+"""From prompts to streamed choice events: one engine request per prompt (its n samples share the
+prefill), each sample detokenised, echoed, cut at stop strings, with its tokens and logprobs kept in
+step with its text, and the usage and timings they add up to."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from ember.models.tokenizer import IncrementalDetokenizer
+from ember.engine.request import StepOutput, TokenLogprob
+from ember.serving.logprobs import LogprobFormatter, OffsetDetokenizer, TokenOut, text_with_offsets
 from ember.serving.models import ServedModel
-from ember.serving.prompts import check_prompts
+from ember.serving.prompts import Prompt, check_prompts
 from ember.serving.sampling import SamplingPlan, SamplingRequest, plan_sampling
 from ember.serving.stop import StopMatcher
 
 
 class GenerationRequest(SamplingRequest, Protocol):
-    n: int
+    raw_output: bool | None
+    return_token_ids: bool | None
 
     @property
     def stop_list(self) -> list[str]: ...
 
+    @property
+    def legacy_logprobs(self) -> bool: ...
+
+    def echo_count(self, prompt_len: int) -> int: ...
+
 
 @dataclass
 class ChoiceEvent:
+    """New output of one choice; a streamed chunk, and (merged) a whole choice."""
+
     index: int
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "abort" on a choice's last event
+    tokens: list[TokenOut] = field(default_factory=list)  # those whose text starts in `text`, echo first
+    first: bool = False  # the choice's first event
+    raw_output: dict | None = None  # on the last event, when the request asked for raw_output
+
+
+class _Choice:
+    """One sample: echo ahead, text through the detokenizer and the stop strings. A token is released
+    with the event whose text holds its start; tokens that start beyond a stop string's cut never are."""
+
+    def __init__(self, gen: Generation, index: int, prompt: Prompt) -> None:
+        self.gen, self.index, self.prompt = gen, index, prompt
+        self.detok: OffsetDetokenizer | None = None  # made at the first output, after the echo
+        self.matcher = StopMatcher(gen.stops)
+        self.emitted = 0  # characters of this choice's text sent so far
+        self.pending: list[TokenOut] = []
+        self.token_ids: list[int] = []  # everything generated, for raw_output
+        self.logprobs: list[TokenLogprob] = []
+        self.sent = self.done = False
+
+    def _echo(self, out: StepOutput) -> tuple[str, list[TokenOut]]:
+        ids = self.prompt.token_ids
+        start = len(ids) - self.gen.request.echo_count(len(ids))
+        if start == len(ids):
+            return "", []
+        # the prompt as the model saw it: a chat template's special tokens stay
+        text, offsets = text_with_offsets(self.gen.tokenizer, ids[start:], False, ids[:start])
+        scores = out.prompt_logprobs or [None] * len(ids)
+        return text, [TokenOut(t, o, scores[start + j], prompt=True)
+                      for j, (t, o) in enumerate(zip(ids[start:], offsets, strict=True))]
+
+    def step(self, out: StepOutput) -> ChoiceEvent | None:
+        echo_text, echo_tokens = "", []
+        if self.detok is None:
+            echo_text, echo_tokens = self._echo(out)
+            self.emitted = len(echo_text)
+            self.detok = OffsetDetokenizer(self.gen.tokenizer, True, self.prompt.token_ids, start=self.emitted)
+        text, offsets = self.detok.add(out.token_ids)
+        if out.finished:
+            text += self.detok.flush()
+        scores = out.logprobs or [None] * len(out.token_ids)
+        self.pending += [TokenOut(*t) for t in zip(out.token_ids, offsets, scores, strict=True)]
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        emit, stopped = self.matcher.feed(text)
+        if out.finished and not stopped:
+            emit += self.matcher.flush()
+        self.emitted += len(emit)
+        self.done = stopped or out.finished
+        cut = len(self.pending) if out.finished and not stopped else \
+            next((i for i, t in enumerate(self.pending) if t.offset >= self.emitted), len(self.pending))
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        if not (echo_text or emit or self.done):
+            return None
+        event = ChoiceEvent(self.index, echo_text + emit, "stop" if stopped else out.finish_reason,
+                            echo_tokens + released, not self.sent)
+        self.sent = True
+        if self.done and self.gen.request.raw_output:
+            event.raw_output = self._raw_output()
+        return event
+
+    def _raw_output(self) -> dict:
+        """What the model saw and produced: the whole generation, special tokens and anything past a
+        stop string included (up to where the engine stopped), with logprobs in OpenAI's format."""
+        text, offsets = text_with_offsets(self.gen.tokenizer, self.token_ids, False, self.prompt.token_ids)
+        fmt = self.gen.formatter
+        logprobs = fmt.openai([TokenOut(*t) for t in zip(self.token_ids, offsets, self.logprobs, strict=True)]) \
+            if fmt else None
+        return {"prompt_fragments": self.prompt.fragments, "prompt_token_ids": self.prompt.token_ids,
+                "completion": text, "completion_token_ids": self.token_ids, "completion_logprobs": logprobs,
+                "grammar": None}
 
 
 class Generation:
-    """All choices of one request (n per prompt, choice i = prompt i // n) and their usage."""
+    """All choices of one request (n per prompt, choice i = sample i % n of prompt i // n) and their usage."""
 
-    def __init__(self, model: ServedModel, prompts: list[list[int]], plan: SamplingPlan, n: int,
-                 stops: list[str], request_id: str) -> None:
-        self.model, self.prompts, self.plan, self.n, self.stops = model, prompts, plan, n, stops
+    def __init__(self, model: ServedModel, prompts: list[Prompt], plan: SamplingPlan,
+                 request: GenerationRequest, request_id: str) -> None:
+        self.model, self.prompts, self.plan, self.request = model, prompts, plan, request
+        self.tokenizer = model.tokenizer
+        self.n, self.stops = request.n, request.stop_list
+        self.formatter = LogprobFormatter(self.tokenizer, request.legacy_logprobs) \
+            if request.num_logprobs is not None else None
         self.request_id = request_id
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -50,7 +133,7 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)  # once per prompt, however many samples (OpenAI)
+        return sum(len(p.token_ids) for p in self.prompts)  # once per prompt, however many samples (OpenAI)
 
     @property
     def sampling_options(self) -> dict:
@@ -67,62 +150,80 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
-    async def _choice(self, index: int) -> AsyncIterator[ChoiceEvent]:
-        """One engine sequence; returning early (stop string, consumer gone) closes it, which aborts it."""
-        prompt_index, sample_index = divmod(index, self.n)
-        prompt, params = self.prompts[prompt_index], self.plan.params[prompt_index]
-        if params.seed is not None and sample_index:  # n samples with one seed must still differ
-            params = dataclasses.replace(params, seed=params.seed + sample_index)
-        detok = IncrementalDetokenizer(self.model.tokenizer, skip_special_tokens=True, prefix_ids=prompt)
-        matcher = StopMatcher(self.stops)
-        stream = self.model.engine.generate(f"{self.request_id}-{index}", prompt, params)
+    def choice_fields(self, event: ChoiceEvent, prompt_ids: bool) -> dict:
+        """What a choice (or a chunk's choice) carries besides its text: `logprobs` always (null when
+        not asked for), `token_ids` and, with `prompt_ids`, `prompt_token_ids` on the choice's first
+        event (return_token_ids), and `raw_output` on its last."""
+        fields: dict = {"logprobs": self.formatter.format(event.tokens) if self.formatter else None}
+        if self.request.return_token_ids:
+            fields["token_ids"] = [t.token_id for t in event.tokens if not t.prompt]
+            if prompt_ids and event.first:
+                fields["prompt_token_ids"] = self.prompts[event.index // self.n].token_ids
+        if event.raw_output is not None:
+            fields["raw_output"] = event.raw_output
+        return fields
+
+    async def _prompt_events(self, p: int) -> AsyncIterator[ChoiceEvent]:
+        """One engine request for prompt p's n samples. A sample cut by a stop string is aborted alone;
+        returning (all done, or the consumer gone) closes the engine stream, which aborts the rest."""
+        prompt = self.prompts[p]
+        choices = [_Choice(self, p * self.n + i, prompt) for i in range(self.n)]
+        engine, request_id, live = self.model.engine, f"{self.request_id}-{p}", self.n
+        stream = engine.generate(request_id, prompt.token_ids, self.plan.params[p])
         first = True
         async with aclosing(stream):
             async for out in stream:
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
-                if first and sample_index == 0:  # a prompt's cache hit counts once, not once per sample
+                if first:  # a prompt's cache hit counts once, not once per sample
                     self.cached_tokens += out.num_cached_tokens
-                first = False
+                    first = False
+                choice = choices[out.index]
+                if choice.done:  # stopped by a stop string; the engine has not seen the abort yet
+                    continue
                 self.completion_tokens += len(out.token_ids)
-                text = detok.add(out.token_ids) + (detok.flush() if out.finished else "")
-                emit, stopped = matcher.feed(text)
-                if stopped or out.finished:
-                    tail = "" if stopped else matcher.flush()
-                    yield ChoiceEvent(index, emit + tail, "stop" if stopped else out.finish_reason)
+                event = choice.step(out)
+                if choice.done:
+                    live -= 1
+                    if live and not out.finished:
+                        engine.abort(request_id, out.index)
+                if event is not None:
+                    yield event
+                if not live:
                     return
-                if emit:
-                    yield ChoiceEvent(index, emit)
 
-    async def collect(self) -> list[tuple[str, str | None]]:
-        """(text, finish_reason) of every choice, in order: the non-streaming answer."""
-        texts, reasons = [""] * self.num_choices, [None] * self.num_choices
+    async def collect(self) -> list[ChoiceEvent]:
+        """Every choice whole, in order: the non-streaming answer."""
+        merged = [ChoiceEvent(i, "", first=True) for i in range(self.num_choices)]
         async with aclosing(self.events()) as events:
             async for ev in events:
-                texts[ev.index] += ev.text
-                reasons[ev.index] = ev.finish_reason or reasons[ev.index]
-        return list(zip(texts, reasons, strict=True))
+                m = merged[ev.index]
+                m.text += ev.text
+                m.tokens += ev.tokens
+                m.finish_reason = ev.finish_reason or m.finish_reason
+                m.raw_output = ev.raw_output or m.raw_output
+        return merged
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """Every choice's events as they come; closing this iterator aborts all unfinished choices."""
-        if self.num_choices == 1:
-            async with aclosing(self._choice(0)) as only:
+        if len(self.prompts) == 1:
+            async with aclosing(self._prompt_events(0)) as only:
                 async for event in only:
                     yield event
             return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(index: int) -> None:
+        async def pump(p: int) -> None:
             try:
-                async for event in self._choice(index):
+                async for event in self._prompt_events(p):
                     queue.put_nowait(event)
             except Exception as exc:  # re-raised to the consumer below
                 queue.put_nowait(exc)
             finally:
                 queue.put_nowait(done)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(self.num_choices)]
+        tasks = [asyncio.create_task(pump(p)) for p in range(len(self.prompts))]
         try:
             remaining = len(tasks)
             while remaining:
@@ -139,9 +240,10 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def plan_generation(model: ServedModel, request: GenerationRequest, prompts: list[list[int]],
+def plan_generation(model: ServedModel, request: GenerationRequest, prompts: list[Prompt],
                     prompt_param: str, request_id: str) -> Generation:
     """Checks the prompts against the model, fills sampling defaults; nothing runs until events()."""
     check_prompts(prompts, model.vocab_size, model.max_model_len, prompt_param)
-    plan = plan_sampling(request, [len(p) for p in prompts], model.sampling_defaults, model.max_model_len)
-    return Generation(model, prompts, plan, request.n, request.stop_list, request_id)
+    plan = plan_sampling(request, [len(p.token_ids) for p in prompts], model.sampling_defaults,
+                         model.max_model_len, model.vocab_size)
+    return Generation(model, prompts, plan, request, request_id)

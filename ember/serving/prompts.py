@@ -1,6 +1,9 @@
-"""Prompts as token ids: chat messages through the model's template, completion prompts as given."""
+"""Prompts as token ids: chat messages through the model's template (truncated to fit when asked),
+completion prompts as given."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ember.models.tokenizer import Tokenizer
 from ember.serving.errors import RequestError
@@ -11,33 +14,58 @@ _ROLE_ALIASES = {"developer": "system"}
 CompletionPrompt = str | list[str] | list[int] | list[list[int]]
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    fragments: list[str | int]  # what was tokenised: rendered text or the client's ids (raw_output)
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict]) -> Prompt:
     """Render with the model's chat template (which writes its own BOS) and tokenize."""
-    messages = [{**m, "role": _ROLE_ALIASES.get(m["role"], m["role"])} for m in messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as exc:  # the template's own raise_exception, e.g. on an unsupported role order
         raise RequestError(f"the chat template rejected these messages: {exc}", "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), [text])
 
 
-def completion_prompts(tokenizer: Tokenizer, prompt: CompletionPrompt) -> list[list[int]]:
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict], truncate_len: int | None = None) -> Prompt:
+    """With `truncate_len` (Fireworks' prompt_truncate_len), the oldest messages other than system
+    ones are dropped, one at a time, until the prompt fits; the last message always stays."""
+    messages = [{**m, "role": _ROLE_ALIASES.get(m["role"], m["role"])} for m in messages]
+    prompt = _render(tokenizer, messages)
+    if truncate_len is None:
+        return prompt
+    droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+    dropped = 0
+    while len(prompt.token_ids) > truncate_len and dropped < len(droppable):
+        dropped += 1
+        gone = set(droppable[:dropped])
+        prompt = _render(tokenizer, [m for i, m in enumerate(messages) if i not in gone])
+    if len(prompt.token_ids) > truncate_len:
+        raise RequestError(f"the system messages and the last message alone take {len(prompt.token_ids)} "
+                           f"tokens, more than prompt_truncate_len ({truncate_len})", "prompt_truncate_len")
+    return prompt
+
+
+def completion_prompts(tokenizer: Tokenizer, prompt: CompletionPrompt) -> list[Prompt]:
     """Each prompt of a string, strings, token ids or lists of token ids; each becomes a choice group."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [Prompt(tokenizer.encode(prompt), [prompt])]
     if all(isinstance(x, int) for x in prompt):
-        return [list(prompt)]
-    return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
+        return [Prompt(list(prompt), list(prompt))]
+    return [Prompt(tokenizer.encode(x), [x]) if isinstance(x, str) else Prompt(list(x), list(x)) for x in prompt]
 
 
-def check_prompts(prompts: list[list[int]], vocab_size: int, max_model_len: int, param: str) -> None:
+def check_prompts(prompts: list[Prompt], vocab_size: int, max_model_len: int, param: str) -> None:
     """Reject here, as a 400 naming the field, what the engine would refuse."""
     for p in prompts:
-        if not p:
+        ids = p.token_ids
+        if not ids:
             raise RequestError("the prompt is empty", param)
-        if any(not 0 <= t < vocab_size for t in p):
+        if any(not 0 <= t < vocab_size for t in ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab_size})", param)
-        if len(p) >= max_model_len:
-            raise RequestError(f"the prompt is {len(p)} tokens long; this model's context window is "
+        if len(ids) >= max_model_len:
+            raise RequestError(f"the prompt is {len(ids)} tokens long; this model's context window is "
                                f"{max_model_len} tokens and must leave room for at least one generated token",
                                param, code="context_length_exceeded")

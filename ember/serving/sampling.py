@@ -1,5 +1,5 @@
 """Request fields → SamplingParams: the model's defaults for what the client left out, max_tokens
-fitted to the context window."""
+fitted to the context window, logprobs and prompt scoring as the response will need them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from ember.engine.request import SamplingParams
 from ember.serving.errors import RequestError
 
 DEFAULT_MAX_TOKENS = 2048
-# OpenAI's defaults, used when neither the request nor the model's generation config says
-FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+# OpenAI's defaults (the filters off), used when neither the request nor the model's generation config says
+FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0}
+# request fields with no model default: reported in fireworks-sampling-options only when the client set them
+_OPTIONAL = ("repetition_penalty", "frequency_penalty", "presence_penalty", "mirostat_target", "mirostat_lr",
+             "seed")
+_NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+            "mirostat_lr": SamplingParams.mirostat_lr}
 
 
 class SamplingRequest(Protocol):
@@ -20,12 +25,27 @@ class SamplingRequest(Protocol):
     temperature: float | None
     top_p: float | None
     top_k: int | None
+    min_p: float | None
+    typical_p: float | None
+    repetition_penalty: float | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    logit_bias: dict[str, float] | None
+    mirostat_target: float | None
+    mirostat_lr: float | None
     seed: int | None
+    n: int
     ignore_eos: bool
     context_length_exceeded_behavior: str
 
     @property
     def requested_max_tokens(self) -> int | None: ...
+
+    @property
+    def num_logprobs(self) -> int | None: ...
+
+    @property
+    def wants_echo(self) -> bool: ...
 
 
 def sampling_defaults(generation_config: dict) -> dict:
@@ -42,12 +62,22 @@ class SamplingPlan:
     options: dict  # the values used, echoed to the client (fireworks-sampling-options)
 
 
-def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: dict,
-                  max_model_len: int) -> SamplingPlan:
+def _logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float]:
+    bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+    if any(not 0 <= t < vocab_size for t in bias):
+        raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size})", "logit_bias")
+    return bias
+
+
+def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: dict, max_model_len: int,
+                  vocab_size: int) -> SamplingPlan:
     """max_tokens defaults to 2048 and is lowered to the room the context leaves, unless the client
-    asked for `context_length_exceeded_behavior: error`."""
+    asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt."""
     chosen = {k: _first(getattr(request, k), defaults.get(k), fallback)
               for k, fallback in FALLBACK_DEFAULTS.items()}
+    optional = {k: getattr(request, k) for k in _OPTIONAL if getattr(request, k) is not None}
+    bias = _logit_bias(request, vocab_size)
+    logprobs = request.num_logprobs
     requested = request.requested_max_tokens
     params = []
     for length in prompt_lens:
@@ -56,9 +86,19 @@ def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: di
             raise RequestError(f"prompt ({length} tokens) plus max_tokens ({requested}) exceeds the "
                                f"context window of {max_model_len} tokens", "max_tokens",
                                code="context_length_exceeded")
-        params.append(SamplingParams(**chosen, seed=request.seed, ignore_eos=request.ignore_eos,
-                                     max_tokens=min(requested or DEFAULT_MAX_TOKENS, room)))
-    options = {**chosen, "max_tokens": max(p.max_tokens for p in params)}
+        max_tokens = min(DEFAULT_MAX_TOKENS if requested is None else requested, room)
+        params.append(SamplingParams(
+            **chosen, **{k: optional.get(k, _NEUTRAL[k]) for k in _NEUTRAL},
+            logit_bias=bias, mirostat_target=request.mirostat_target, seed=request.seed, n=request.n,
+            max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=logprobs if request.wants_echo else None))
+    options = {**chosen, **optional, "max_tokens": max(p.max_tokens for p in params)}
+    if request.mirostat_target is not None:
+        options["mirostat_lr"] = params[0].mirostat_lr
+    if bias:
+        options["logit_bias"] = {str(k): v for k, v in bias.items()}
+    if request.n > 1:
+        options["n"] = request.n
     return SamplingPlan(params, options)
 
 
