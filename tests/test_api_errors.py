@@ -44,9 +44,24 @@ CHAT_ERRORS = [
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", "invalid_value"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
      "messages[0].content[0].type", "unsupported_parameter"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported_parameter"),
-    (chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_parameter"),
-    (chat(tool_choice="required"), 400, "tool_choice", "unsupported_parameter"),
+    (chat(prediction={"type": "content", "content": "x"}), 400, "prediction", "unsupported_parameter"),
+    (chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400, "tools[0].function.name",
+     "invalid_value"),
+    (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]), 400,
+     "tools[0].function.parameters", "invalid_grammar"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function",
+                                                                          "function": {"name": "g"}}),
+     400, "tool_choice", "invalid_value"),
+    (chat(tool_choice="required"), 400, "tool_choice", "invalid_value"),  # no tools
+    (chat(functions=[{"name": "f"}], function_call={"name": "g"}), 400, "function_call", "invalid_value"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}], response_format={"type": "json_object"}),
+     400, "response_format", "invalid_value"),
+    (chat(response_format={"type": "xml"}), 400, "response_format.type", "invalid_value"),
+    (chat(response_format={"type": "json_schema"}), 400, "response_format.json_schema", "invalid_value"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+     400, "response_format.json_schema", "invalid_grammar"),
+    (chat(response_format={"type": "json_object", "schema": "{not json"}), 400, "response_format.schema",
+     "invalid_request_error"),
     (chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_parameter"),
     (chat(reasoning_effort=True), 400, "reasoning_effort", "unsupported_parameter"),
     (chat(safe_tokenization=True), 400, "safe_tokenization", "unsupported_parameter"),
@@ -99,7 +114,9 @@ COMPLETION_ERRORS = [
     (completion(prompt_truncate_len=10), 400, "prompt_truncate_len", "unknown_field"),  # chat only
     (completion(tools=[]), 400, "tools", "unknown_field"),
     (completion(images=["data:image/png;base64,AAAA"]), 400, "images", "unsupported_parameter"),
-    (completion(response_format={"type": "json_object"}), 400, "response_format", "unsupported_parameter"),
+    (completion(response_format={"type": "grammar"}), 400, "response_format.grammar", "invalid_value"),
+    (completion(response_format={"type": "grammar", "grammar": "root ::= ("}), 400, "response_format.grammar",
+     "invalid_grammar"),
 ]
 
 

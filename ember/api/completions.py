@@ -7,14 +7,15 @@ from fastapi.responses import Response
 
 from ember.api.protocol import CompletionRequest
 from ember.api.respond import Shape, new_request_id, respond
-from ember.serving.generate import plan_generation
+from ember.serving.generate import ChoiceEvent, plan_generation
 from ember.serving.prompts import completion_prompts
+from ember.serving.structured import response_format_grammar
 
 router = APIRouter()
 
 
-def _choice(i: int, text: str, reason: str | None) -> dict:
-    return {"index": i, "text": text, "finish_reason": reason}
+def _choice(ev: ChoiceEvent) -> dict:
+    return {"index": ev.index, "text": ev.text, "finish_reason": ev.finish_reason}
 
 
 SHAPE = Shape(id_prefix="cmpl", object="text_completion", chunk_object="text_completion",
@@ -25,5 +26,6 @@ SHAPE = Shape(id_prefix="cmpl", object="text_completion", chunk_object="text_com
 async def completions(body: CompletionRequest, request: Request) -> Response:
     model = request.app.state.registry.get(body.model)
     prompts = completion_prompts(model.tokenizer, body.prompt)
-    gen = plan_generation(model, body, prompts, "prompt", new_request_id())
+    grammar = response_format_grammar(model.structured, body.response_format)
+    gen = plan_generation(model, body, prompts, "prompt", new_request_id(), grammar)
     return await respond(request, body, gen, SHAPE)

@@ -1,27 +1,25 @@
 """Request bodies in Fireworks' schema (a superset of OpenAI's), ranges as its docstrings give them
 (OpenAI's where Fireworks is silent).
 
-Unknown fields are rejected. Fields of the schema that Ember does not implement yet (tools,
-structured outputs, reasoning controls, ...) are accepted only at values that change nothing;
+Unknown fields are rejected. Fields of the schema that Ember does not implement yet (predicted
+outputs, reasoning controls, ...) are accepted only at values that change nothing;
 any other value is a 400 naming the field, never silently ignored. Types are strict:
 `"max_tokens": "5"` is a mistake, not a 5.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # field -> the values at which it is harmless today; every other non-null value is refused for now
 NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "response_format": ({"type": "text"},), "prediction": (), "speculation": (),
+    "prediction": (), "speculation": (),
     "reasoning_effort": ("none", False), "reasoning_history": (), "thinking": ({"type": "disabled"},),
 }
-CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {
-    **NOT_YET_SUPPORTED, "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "functions": ([],), "function_call": ("none", "auto"), "safe_tokenization": (False,),
-}
+CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "safe_tokenization": (False,)}
 COMPLETION_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "images": ([],)}
 MAX_LOGPROBS = 5  # alternatives per position a client may ask for (Fireworks' limit)
 
@@ -75,14 +73,35 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    not_yet: ClassVar[dict[str, tuple]] = {"tool_calls": ([],)}
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # JSON text (OpenAI) or an object (Fireworks)
+
+    def arguments_text(self) -> str:
+        return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments)
+
+
+class ToolCallMessage(_Strict):
+    """A call of an earlier assistant turn, sent back with the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+    index: int | None = None  # left in by clients that replay streamed deltas
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    function_call: CalledFunction | None = None  # the legacy form of one tool call
     reasoning_content: str | None = None
+    refusal: str | None = None  # echoed back by SDKs that replay the assistant message whole
 
     @model_validator(mode="before")
     @classmethod
@@ -95,9 +114,87 @@ class ChatMessage(_Strict):
         return data
 
     def for_template(self) -> dict:
-        """The plain dict a chat template expects, content parts joined into one string."""
+        """The plain dict a chat template expects: content parts joined into one string, calls with
+        their arguments as JSON text, legacy `function` messages as `tool` ones."""
         content = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content
-        return {**self.model_dump(exclude_none=True), "content": content or ""}
+        message = {**self.model_dump(exclude_none=True, exclude={"tool_calls", "function_call", "refusal"}),
+                   "content": content or "", "role": "tool" if self.role == "function" else self.role}
+        calls = list(self.tool_calls or []) + \
+            ([ToolCallMessage(function=self.function_call)] if self.function_call else [])
+        if calls:
+            message["tool_calls"] = [{"id": c.id or f"call_{i}", "type": "function",
+                                      "function": {"name": c.function.name, "arguments": c.function.arguments_text()}}
+                                     for i, c in enumerate(calls)]
+        return message
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `json_schema` object; Fireworks also takes the schema itself in its place."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | str | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema", "grammar"]
+    json_schema: dict[str, Any] | str | None = None
+    schema_: dict[str, Any] | str | None = Field(None, alias="schema")  # Fireworks' json_object form
+    grammar: str | None = None  # GBNF, for type "grammar"
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise FieldError("json_schema", "type json_schema needs a `json_schema` object with a `schema`")
+        if self.type == "grammar" and not self.grammar:
+            raise FieldError("grammar", "type grammar needs a GBNF `grammar`")
+        return self
+
+    def schema_source(self) -> dict[str, Any] | str | None:
+        """The JSON schema asked for, however it was spelt: json_schema.schema (OpenAI), json_schema
+        as the schema itself, or schema (Fireworks' json_object form); None for any object."""
+        spec = self.json_schema
+        if isinstance(spec, dict) and ("schema" in spec or "name" in spec):
+            try:
+                return JsonSchemaFormat.model_validate(spec).schema_
+            except ValidationError as exc:
+                raise FieldError("json_schema", f"invalid json_schema: {exc.errors()[0]['msg']}") from exc
+        return spec if spec is not None else self.schema_
+
+
+class FunctionDef(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionChoiceName(_Strict):
+    name: str
+
+
+class FunctionChoice(_Strict):
+    """`{"type": "function", "function": {"name": ...}}` (OpenAI) or `{"type": "function", "name": ...}`."""
+
+    type: Literal["function"]
+    function: FunctionChoiceName | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> FunctionChoice:
+        if (self.function.name if self.function else self.name) is None:
+            raise FieldError("function", "name the function to call: {\"function\": {\"name\": ...}}")
+        return self
+
+    @property
+    def function_name(self) -> str:
+        return self.function.name if self.function else self.name  # type: ignore[return-value]
 
 
 class GenerationRequest(_Strict):
@@ -138,6 +235,7 @@ class GenerationRequest(_Strict):
     prompt_cache_isolation_key: str | None = None
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     perf_metrics_in_response: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
@@ -196,6 +294,47 @@ class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # drop the oldest non-system messages until the rendered prompt has at most this many tokens
     prompt_truncate_len: Annotated[int, Field(ge=1)] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required", "any"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None  # legacy: tools of type function
+    function_call: Literal["none", "auto"] | FunctionChoiceName | None = None  # legacy tool_choice
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        if self.tools is not None and self.functions is not None:
+            raise FieldError("functions", "give tools or the legacy functions, not both")
+        if self.tool_choice is not None and self.function_call is not None:
+            raise FieldError("function_call", "give tool_choice or the legacy function_call, not both")
+        names = [f.name for f in self.function_defs]
+        if len(set(names)) < len(names):
+            raise FieldError("tools" if self.tools is not None else "functions", "function names must be unique")
+        choice = self.tool_mode
+        param = "tool_choice" if self.function_call is None else "function_call"
+        if choice not in ("none", "auto") and not names:
+            raise FieldError(param, f"tool_choice `{choice}` needs tools")
+        if choice not in ("none", "auto", "required") and choice not in names:
+            raise FieldError(param, f"`{choice}` is not among the tools: {names}")
+        if choice != "none" and self.response_format is not None and self.response_format.type != "text":
+            raise FieldError("response_format", "response_format cannot be combined with tool calls; "
+                                                "use tool_choice: none")
+        return self
+
+    @property
+    def function_defs(self) -> list[FunctionDef]:
+        return [t.function for t in self.tools] if self.tools is not None else list(self.functions or [])
+
+    @property
+    def tool_mode(self) -> str:
+        """"none", "auto", "required", or the name of the one function to call."""
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if isinstance(choice, FunctionChoice):
+            return choice.function_name
+        if isinstance(choice, FunctionChoiceName):
+            return choice.name
+        if choice is None:
+            return "auto" if self.function_defs else "none"
+        return "required" if choice == "any" else choice
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

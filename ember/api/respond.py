@@ -19,8 +19,8 @@ from ember.serving.generate import ChoiceEvent, Generation
 # how often a non-streaming request checks whether its client is still there
 _DISCONNECT_POLL_S = 0.2
 
-# (choice index, new text, finish reason or None) -> the choice object of a response or of a chunk
-ChunkChoice = Callable[[int, str, str | None], dict]
+# a choice's event -> its choice object in a response or in a chunk
+ChunkChoice = Callable[[ChoiceEvent], dict]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ async def respond(request: Request, body: GenerationRequest, gen: Generation, sh
     perf = (lambda: _perf(gen)) if body.perf_metrics_in_response else None
 
     def choice(make: ChunkChoice, ev: ChoiceEvent) -> dict:
-        return {**make(ev.index, ev.text, ev.finish_reason), **gen.choice_fields(ev, shape.prompt_ids_per_choice)}
+        return {**make(ev), **gen.choice_fields(ev, shape.prompt_ids_per_choice)}
 
     if body.stream:
         opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []

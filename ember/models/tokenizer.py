@@ -569,7 +569,8 @@ class Tokenizer:
 
     # -- chat ---------------------------------------------------------------------------------------------
 
-    def _template_for(self, tools: list | None) -> str:
+    def template_for(self, tools: list | None) -> str:
+        """The template source `apply_chat_template` renders with (a `tool_use` one when tools are given)."""
         if tools is not None and "tool_use" in self._templates:  # transformers' choice, named templates
             return self._templates["tool_use"]
         return self.chat_template or DEFAULT_CHATML_TEMPLATE
@@ -586,7 +587,7 @@ class Tokenizer:
         `extra` reaches the template as variables (e.g. `enable_thinking`, `documents`) and overrides
         the special-token strings (`bos_token`, ...). Tokenize the result with add_special_tokens=False.
         """
-        source = self._template_for(tools)
+        source = self.template_for(tools)
         compiled = self._compiled.get(source)
         if compiled is None:
             compiled = self._compiled[source] = _compile_template(source)

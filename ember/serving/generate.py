@@ -1,10 +1,11 @@
 """From prompts to streamed choice events: one engine request per prompt (its n samples share the
-prefill), each sample detokenised, echoed, cut at stop strings, with its tokens and logprobs kept in
-step with its text, and the usage and timings they add up to."""
+prefill), each sample detokenised, echoed, cut at stop strings, split into content and tool calls,
+with its tokens and logprobs kept in step with its text, and the usage and timings they add up to."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -17,6 +18,8 @@ from ember.serving.models import ServedModel
 from ember.serving.prompts import Prompt, check_prompts
 from ember.serving.sampling import SamplingPlan, SamplingRequest, plan_sampling
 from ember.serving.stop import StopMatcher
+from ember.serving.tools import ToolCallDelta, ToolCallParser
+from ember.structured.backend import Grammar
 
 
 class GenerationRequest(SamplingRequest, Protocol):
@@ -42,6 +45,7 @@ class ChoiceEvent:
     tokens: list[TokenOut] = field(default_factory=list)  # those whose text starts in `text`, echo first
     first: bool = False  # the choice's first event
     raw_output: dict | None = None  # on the last event, when the request asked for raw_output
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # when the request has tools
 
 
 class _Choice:
@@ -52,6 +56,7 @@ class _Choice:
         self.gen, self.index, self.prompt = gen, index, prompt
         self.detok: OffsetDetokenizer | None = None  # made at the first output, after the echo
         self.matcher = StopMatcher(gen.stops)
+        self.parser = ToolCallParser() if gen.parse_tool_calls else None
         self.emitted = 0  # characters of this choice's text sent so far
         self.pending: list[TokenOut] = []
         self.token_ids: list[int] = []  # everything generated, for raw_output
@@ -90,10 +95,16 @@ class _Choice:
         cut = len(self.pending) if out.finished and not stopped else \
             next((i for i, t in enumerate(self.pending) if t.offset >= self.emitted), len(self.pending))
         released, self.pending = self.pending[:cut], self.pending[cut:]
-        if not (echo_text or emit or self.done):
-            return None
-        event = ChoiceEvent(self.index, echo_text + emit, "stop" if stopped else out.finish_reason,
-                            echo_tokens + released, not self.sent)
+        content, calls, reason = emit, [], "stop" if stopped else out.finish_reason
+        if self.parser is not None:
+            content, calls = self.parser.feed(emit)
+            if self.done:
+                calls += self.parser.finish()
+                reason = "tool_calls" if reason == "stop" and self.parser.called else reason
+        if not (echo_text or content or calls or self.done or (released and self.gen.reports_tokens)):
+            return None  # nothing to tell yet (e.g. a tool call's opening tag is still being read)
+        event = ChoiceEvent(self.index, echo_text + content, reason, echo_tokens + released, not self.sent,
+                            tool_calls=calls)
         self.sent = True
         if self.done and self.gen.request.raw_output:
             event.raw_output = self._raw_output()
@@ -108,19 +119,22 @@ class _Choice:
             if fmt else None
         return {"prompt_fragments": self.prompt.fragments, "prompt_token_ids": self.prompt.token_ids,
                 "completion": text, "completion_token_ids": self.token_ids, "completion_logprobs": logprobs,
-                "grammar": None}
+                "grammar": self.gen.grammar.text if self.gen.grammar else None}
 
 
 class Generation:
     """All choices of one request (n per prompt, choice i = sample i % n of prompt i // n) and their usage."""
 
     def __init__(self, model: ServedModel, prompts: list[Prompt], plan: SamplingPlan,
-                 request: GenerationRequest, request_id: str) -> None:
+                 request: GenerationRequest, request_id: str, grammar: Grammar | None = None,
+                 parse_tool_calls: bool = False) -> None:
         self.model, self.prompts, self.plan, self.request = model, prompts, plan, request
+        self.grammar, self.parse_tool_calls = grammar, parse_tool_calls
         self.tokenizer = model.tokenizer
         self.n, self.stops = request.n, request.stop_list
         self.formatter = LogprobFormatter(self.tokenizer, request.legacy_logprobs) \
             if request.num_logprobs is not None else None
+        self.reports_tokens = self.formatter is not None or bool(request.return_token_ids)
         self.request_id = request_id
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -202,6 +216,7 @@ class Generation:
                 m.tokens += ev.tokens
                 m.finish_reason = ev.finish_reason or m.finish_reason
                 m.raw_output = ev.raw_output or m.raw_output
+                m.tool_calls += ev.tool_calls
         return merged
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
@@ -241,9 +256,13 @@ class Generation:
 
 
 def plan_generation(model: ServedModel, request: GenerationRequest, prompts: list[Prompt],
-                    prompt_param: str, request_id: str) -> Generation:
-    """Checks the prompts against the model, fills sampling defaults; nothing runs until events()."""
+                    prompt_param: str, request_id: str, grammar: Grammar | None = None,
+                    parse_tool_calls: bool = False) -> Generation:
+    """Checks the prompts against the model, fills sampling defaults; nothing runs until events().
+    `grammar` constrains every sample; `parse_tool_calls` splits their text into content and calls."""
     check_prompts(prompts, model.vocab_size, model.max_model_len, prompt_param)
     plan = plan_sampling(request, [len(p.token_ids) for p in prompts], model.sampling_defaults,
                          model.max_model_len, model.vocab_size)
-    return Generation(model, prompts, plan, request, request_id)
+    if grammar is not None:
+        plan.params = [dataclasses.replace(p, grammar=grammar) for p in plan.params]
+    return Generation(model, prompts, plan, request, request_id, grammar, parse_tool_calls)

@@ -54,6 +54,12 @@ def system_prompt(tools: list[Tool]) -> str:
             "Otherwise reply in plain text.")
 
 
+def template_speaks_hermes(template: str) -> bool:
+    """A chat template that renders tools and calls itself, in the block format parsed here (Qwen's,
+    Hermes')."""
+    return "<tool_call>" in template and "tools" in template
+
+
 def prepare_messages(messages: list[dict], tools: list[Tool]) -> list[dict]:
     """Messages a template without tool support can render: past calls as blocks in the assistant's
     content, tool results as <tool_response> blocks from the user, the tool list in the system prompt."""
@@ -83,11 +89,12 @@ def _call_schema(tool: Tool) -> dict:
 
 
 def tool_grammar(tools: list[Tool], choice: str, parallel: bool) -> GrammarSpec:
-    """`choice` is "auto", "required" or the name of the one function to call."""
-    chosen = tools if choice in ("auto", "required") else [t for t in tools if t.name == choice]
+    """`choice` is "auto", "required" or the name of the one function to call (once, as OpenAI does)."""
+    named = choice not in ("auto", "required")
+    chosen = [t for t in tools if t.name == choice] if named else tools
     schemas = [_call_schema(t) for t in chosen]
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": _JSON_STYLE}
-    calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
+    calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel and not named else "call"
     start = "TEXT | calls" if choice == "auto" else "calls"
     return GrammarSpec("lark", f"start: {start}\ncalls: {calls}\n"
                                f'call: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n'
