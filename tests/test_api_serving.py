@@ -5,11 +5,14 @@ echo, stop cuts, logprobs aligned with text) from a scripted engine that follows
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 from contextlib import aclosing
 
 import pytest
 from pydantic import ValidationError
 
+from ember.api.chat import tool_calls_json
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest, NotYetSupported
 from ember.engine.request import SamplingParams, StepOutput, TokenLogprob
 from ember.models.tokenizer import Tokenizer
@@ -19,6 +22,7 @@ from ember.serving.models import ServedModel
 from ember.serving.prompts import chat_prompt, completion_prompts
 from ember.serving.sampling import DEFAULT_MAX_TOKENS, plan_sampling, sampling_defaults
 from ember.serving.stop import StopMatcher
+from ember.serving.tools import Tool, format_call
 
 
 def run_stops(stops: list[str], chunks: list[str]) -> tuple[list[str], bool]:
@@ -159,8 +163,8 @@ class ScriptedEngine:
 
     max_model_len = 4096
 
-    def __init__(self, scripts: list[list[int]]) -> None:
-        self.scripts = scripts
+    def __init__(self, scripts: list[list[int]], reason: str = "length") -> None:
+        self.scripts, self.reason = scripts, reason
         self.aborted: list[tuple[str, int | None]] = []
 
     def abort(self, request_id: str, index: int | None = None) -> None:
@@ -179,7 +183,7 @@ class ScriptedEngine:
                 sent[i] += 1
                 finished = sent[i] >= len(scripts[i])
                 k, pk = params.logprobs, params.prompt_logprobs
-                yield StepOutput(request_id, tokens, finished, "length" if finished else None, len(prompt),
+                yield StepOutput(request_id, tokens, finished, self.reason if finished else None, len(prompt),
                                  index=i, logprobs=None if k is None else [_score(t, k) for t in tokens],
                                  prompt_logprobs=[None, *(_score(t, pk) for t in prompt[1:])]
                                  if first and pk is not None else None)
@@ -188,11 +192,13 @@ class ScriptedEngine:
                 await asyncio.sleep(0)
 
 
-def _generation(tokenizer: Tokenizer, scripts: list[str], **fields):
-    engine = ScriptedEngine([tokenizer.encode(s) for s in scripts])
+def _generation(tokenizer: Tokenizer, scripts: list[str], reason: str = "length", tools: bool = False,
+                **fields):
+    engine = ScriptedEngine([tokenizer.encode(s) for s in scripts], reason)
     model = ServedModel("m", engine, tokenizer, tokenizer.vocab_size)  # type: ignore[arg-type]
     request = completion(**{"max_tokens": 64, **fields})
-    gen = plan_generation(model, request, completion_prompts(tokenizer, request.prompt), "prompt", "r")
+    gen = plan_generation(model, request, completion_prompts(tokenizer, request.prompt), "prompt", "r",
+                          parse_tool_calls=tools)
     return gen, engine
 
 
@@ -307,3 +313,46 @@ def test_logprob_formats(tokenizer):
     alt = tokenizer.token_bytes(ids[0]).decode()
     assert legacy["top_logprobs"][0] == {alt: -0.5} and "logprobs" in gen.choice_fields(choice, False)
     assert "token_ids" not in gen.choice_fields(choice, False)
+
+
+def test_tool_calls_leave_the_text_and_stream_as_openai_deltas(tokenizer):
+    script = format_call("add", '{"a": 1, "b": 2.5}') + "\n" + format_call("get_weather", '{"city": "Zürich"}')
+    gen, _ = _generation(tokenizer, [script], reason="stop", tools=True, max_tokens=200)
+    streamed = asyncio.run(_events(gen))
+    assert all("<" not in ev.text for ev in streamed) and streamed[-1].finish_reason == "tool_calls"
+    deltas = [d for ev in streamed for d in tool_calls_json(ev.tool_calls, streamed=True)]
+    for index, name in enumerate(["add", "get_weather"]):
+        mine = [d for d in deltas if d["index"] == index]
+        assert mine[0]["id"].startswith("call_") and mine[0]["type"] == "function"
+        assert mine[0]["function"]["name"] == name
+        assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in mine[1:])
+    (choice,) = asyncio.run(_generation(tokenizer, [script], reason="stop", tools=True, max_tokens=200)[0].collect())
+    calls = tool_calls_json(choice.tool_calls, streamed=False)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("add", {"a": 1, "b": 2.5}), ("get_weather", {"city": "Zürich"})]
+    assert [c["function"]["arguments"] for c in calls] == \
+        ["".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in range(2)]
+    assert choice.text == "" and choice.finish_reason == "tool_calls"
+    (text,) = asyncio.run(_generation(tokenizer, ["Just words."], reason="stop", tools=True)[0].collect())
+    assert (text.text, text.tool_calls, text.finish_reason) == ("Just words.", [], "stop")
+
+
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>"
+    "<|im_end|>\n{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}<tool_call>\n{{ c.function.arguments }}\n</tool_call>{%- endfor %}"
+    "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_tools_reach_the_prompt_through_a_template_that_knows_them(tokenizer):
+    tools = [Tool("add", {"type": "object"}), Tool("sub", {"type": "object"})]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    own = chat_prompt(tokenizer, messages, tools=tools).fragments[0]  # SmolLM2's template knows no tools
+    assert "You can call functions" in own and format_call("add", '{"a": 1}') in own and "<tool_response>" in own
+    hermes = copy.copy(tokenizer)
+    hermes._templates, hermes.chat_template = {"default": HERMES_TEMPLATE}, HERMES_TEMPLATE
+    native = chat_prompt(hermes, messages, tools=tools).fragments[0]
+    assert native.startswith("<|im_start|>system\n<tools>add;sub;</tools>") and "You can call" not in native
+    assert '<tool_call>\n{"a": 1}\n</tool_call>' in native and "<|im_start|>tool\n2" in native

@@ -15,7 +15,7 @@ from ember.engine.request import SamplingParams
 from ember.models.loader import default_model_path, load_model
 from ember.models.tokenizer import IncrementalDetokenizer
 from ember.serving.tools import Tool, ToolCallParser, format_call, prepare_messages, tool_grammar
-from ember.structured.backend import GrammarError, GrammarSpec
+from ember.structured.backend import GrammarError, GrammarSpec, unpack_bitmask
 from ember.structured.llguidance_backend import LLGuidanceBackend
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
@@ -163,3 +163,9 @@ def test_incremental_detokenization_feeds_the_parser_exactly(model):
     assert [c.name for c in parser.calls] == [c.name for c in whole.calls]
     for i, call in enumerate(whole.calls):
         assert "".join(d.arguments for d in deltas if d.index == i) == call.arguments
+
+
+def test_unpack_bitmask_reads_bit_i_of_word_w_as_token_32w_plus_i():
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    expected = [[bool(int(bitmask[r, t // 32]) >> (t % 32) & 1) for t in range(100)] for r in range(3)]
+    assert unpack_bitmask(bitmask, 100).tolist() == expected

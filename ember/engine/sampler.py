@@ -65,7 +65,7 @@ def apply_grammar(logits: torch.Tensor, matchers: list[Matcher]) -> torch.Tensor
     for row, matcher in enumerate(matchers):
         matcher.fill_bitmask(bitmask, row)
     allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[-1])
-    return logits.masked_fill(~allowed, _NEG_INF)
+    return logits.masked_fill(allowed.logical_not_(), _NEG_INF)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
