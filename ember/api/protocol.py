@@ -149,18 +149,23 @@ class ResponseFormat(_Strict):
             raise FieldError("json_schema", "type json_schema needs a `json_schema` object with a `schema`")
         if self.type == "grammar" and not self.grammar:
             raise FieldError("grammar", "type grammar needs a GBNF `grammar`")
+        spec = self.json_schema
+        if isinstance(spec, dict) and ("schema" in spec or "name" in spec):  # OpenAI's {name, schema, strict}
+            try:
+                form = JsonSchemaFormat.model_validate(spec)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(x) for x in error["loc"])
+                raise FieldError("json_schema", f"invalid json_schema ({where}): {error['msg']}") from exc
+            if form.schema_ is None:
+                raise FieldError("json_schema", "json_schema needs a `schema`")
+            self.json_schema = form.schema_
         return self
 
     def schema_source(self) -> dict[str, Any] | str | None:
         """The JSON schema asked for, however it was spelt: json_schema.schema (OpenAI), json_schema
         as the schema itself, or schema (Fireworks' json_object form); None for any object."""
-        spec = self.json_schema
-        if isinstance(spec, dict) and ("schema" in spec or "name" in spec):
-            try:
-                return JsonSchemaFormat.model_validate(spec).schema_
-            except ValidationError as exc:
-                raise FieldError("json_schema", f"invalid json_schema: {exc.errors()[0]['msg']}") from exc
-        return spec if spec is not None else self.schema_
+        return self.json_schema if self.json_schema is not None else self.schema_
 
 
 class FunctionDef(_Strict):
