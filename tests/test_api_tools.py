@@ -177,15 +177,18 @@ def test_the_openai_sdk_reads_calls(server):
     assert streamed[0] == call.function.arguments
 
 
+def _answer(server, body: dict, stream: bool) -> tuple[str | None, list[dict] | None, str]:
+    """(content, calls, finish_reason) of a one-choice answer, streamed (delta rules checked) or not."""
+    if stream:
+        return _streamed(server.stream("/v1/chat/completions", body))
+    choice = _post(server, body)["choices"][0]
+    return choice["message"]["content"], choice["message"].get("tool_calls"), choice["finish_reason"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_none_gives_text_and_no_calls(server, stream):
-    body = _body(_user(ASKS["get_weather"]), tool_choice="none", max_tokens=24)
-    if stream:
-        content, calls, reason = _streamed(server.stream("/v1/chat/completions", body))
-    else:
-        choice = _post(server, body)["choices"][0]
-        content, calls, reason = choice["message"]["content"], choice["message"].get("tool_calls"), \
-            choice["finish_reason"]
+    content, calls, reason = _answer(server, _body(_user(ASKS["get_weather"]), tool_choice="none", max_tokens=24),
+                                     stream)
     assert content and not calls and reason in ("stop", "length")
     assert "<tool_call" not in content
 
@@ -193,13 +196,7 @@ def test_none_gives_text_and_no_calls(server, stream):
 @pytest.mark.parametrize("ask,stream", [(CHAT_CHAT, False), (_user(ASKS["search"]), True)],
                          ids=["chit-chat", "search-streamed"])
 def test_auto_gives_text_or_valid_calls(server, ask, stream):
-    body = _body(ask, tool_choice="auto", max_tokens=40)
-    if stream:
-        content, calls, reason = _streamed(server.stream("/v1/chat/completions", body))
-    else:
-        choice = _post(server, body)["choices"][0]
-        content, calls, reason = choice["message"]["content"], choice["message"].get("tool_calls"), \
-            choice["finish_reason"]
+    content, calls, reason = _answer(server, _body(ask, tool_choice="auto", max_tokens=40), stream)
     _check_outcome(reason, content, calls)
     if not calls:
         assert content and "<tool_call" not in content

@@ -101,32 +101,20 @@ def test_top_k_matches_transformers(batch, vocab, scale):
     assert ours.isfinite().sum(-1).tolist() == [min(k, vocab) for k in ks]
 
 
+PROBABILITY_FILTERS = [  # (ours, transformers' warper, per-row values, shift them by vocab, seed factor)
+    pytest.param(apply_top_p, TopPLogitsWarper, [0.05, 0.3, 0.5, 0.7, 0.9, 0.95, 0.0], True, 2, id="top_p"),
+    pytest.param(apply_min_p, MinPLogitsWarper, [0.3, 0.9, 0.05, 0.0, 0.01, 0.1, 1.0], False, 3, id="min_p"),
+    pytest.param(apply_typical_p, TypicalLogitsWarper, [0.2, 0.5, 0.8, 0.9, 0.95, 0.05], True, 4, id="typical_p"),
+]
+
+
+@pytest.mark.parametrize("ours_fn,warper,values,shift,factor", PROBABILITY_FILTERS)
 @pytest.mark.parametrize("batch,vocab,scale", SHAPES)
-def test_top_p_matches_transformers(batch, vocab, scale):
-    logits = random_logits(batch, vocab, scale, seed=2 * vocab + batch)
-    ps = per_row([0.05, 0.3, 0.5, 0.7, 0.9, 0.95, 0.0], vocab, batch)
-    ours = apply_top_p(logits.clone(), torch.tensor(ps))
-    ref = torch.cat([TopPLogitsWarper(p)(None, logits[r:r + 1].clone()) for r, p in enumerate(ps)])
-    assert_same_filter(ours, ref)
-    assert_filter_did_something(ref)
-
-
-@pytest.mark.parametrize("batch,vocab,scale", SHAPES)
-def test_min_p_matches_transformers(batch, vocab, scale):
-    logits = random_logits(batch, vocab, scale, seed=3 * vocab + batch)
-    ps = per_row([0.3, 0.9, 0.05, 0.0, 0.01, 0.1, 1.0], 0, batch)
-    ours = apply_min_p(logits.clone(), torch.tensor(ps))
-    ref = torch.cat([MinPLogitsWarper(p)(None, logits[r:r + 1].clone()) for r, p in enumerate(ps)])
-    assert_same_filter(ours, ref)
-    assert_filter_did_something(ref)
-
-
-@pytest.mark.parametrize("batch,vocab,scale", SHAPES)
-def test_typical_p_matches_transformers(batch, vocab, scale):
-    logits = random_logits(batch, vocab, scale, seed=4 * vocab + batch)
-    masses = per_row([0.2, 0.5, 0.8, 0.9, 0.95, 0.05], vocab, batch)
-    ours = apply_typical_p(logits.clone(), torch.tensor(masses))
-    ref = torch.cat([TypicalLogitsWarper(m)(None, logits[r:r + 1].clone()) for r, m in enumerate(masses)])
+def test_probability_filters_match_transformers(batch, vocab, scale, ours_fn, warper, values, shift, factor):
+    logits = random_logits(batch, vocab, scale, seed=factor * vocab + batch)
+    ps = per_row(values, vocab if shift else 0, batch)
+    ours = ours_fn(logits.clone(), torch.tensor(ps))
+    ref = torch.cat([warper(p)(None, logits[r:r + 1].clone()) for r, p in enumerate(ps)])
     assert_same_filter(ours, ref)
     assert_filter_did_something(ref)
 
