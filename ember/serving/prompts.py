@@ -26,7 +26,7 @@ def _render(tokenizer: Tokenizer, messages: list[dict], tools: list[Tool]) -> Pr
     writes Hermes-style <tool_call> blocks gets the tools and the calls itself; for any other template
     they are rewritten into plain messages (ember.serving.tools)."""
     try:
-        if template_speaks_hermes(tokenizer.template_for(tools)):
+        if template_speaks_hermes(tokenizer.template_for(tools or None)):
             listed = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                         "parameters": t.parameters}} for t in tools]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=listed or None)
