@@ -356,3 +356,17 @@ def test_tools_reach_the_prompt_through_a_template_that_knows_them(tokenizer):
     native = chat_prompt(hermes, messages, tools=tools).fragments[0]
     assert native.startswith("<|im_start|>system\n<tools>add;sub;</tools>") and "You can call" not in native
     assert '<tool_call>\n{"a": 1}\n</tool_call>' in native and "<|im_start|>tool\n2" in native
+
+
+def test_a_function_may_be_named_like_a_tool_choice():
+    tools = [{"type": "function", "function": {"name": n}} for n in ("auto", "required", "none")]
+    for choice, mode, forced in [({"type": "function", "function": {"name": "auto"}}, "function", "auto"),
+                                 ({"type": "function", "name": "none"}, "function", "none"),
+                                 ("required", "required", None), ("any", "required", None), (None, "auto", None)]:
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                        "tools": tools, "tool_choice": choice})
+        assert (request.tool_mode, request.forced_function) == (mode, forced)
+    legacy = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                   "functions": [{"name": "f"}], "function_call": {"name": "f"}})
+    assert (legacy.tool_mode, legacy.forced_function) == ("function", "f")
+    assert [f.name for f in legacy.function_defs] == ["f"]

@@ -93,10 +93,10 @@ def test_constrained_and_free_requests_share_a_batch(model):
             assert len(value["tags"]) <= 3 and set(value["tags"]) <= {"a", "b"}
 
 
-@pytest.mark.parametrize("choice", ["required", "add", "auto"])
-def test_tool_grammar_yields_valid_calls(model, choice):
+@pytest.mark.parametrize("choice,function", [("required", None), ("function", "add"), ("auto", None)])
+def test_tool_grammar_yields_valid_calls(model, choice, function):
     engine, tokenizer, backend = model
-    grammar = backend.compile(tool_grammar(TOOLS, choice, parallel=False))
+    grammar = backend.compile(tool_grammar(TOOLS, choice, parallel=False, function=function))
     prompt = _prompt(tokenizer, prepare_messages([{"role": "user", "content": "Weather in Paris, please."}], TOOLS))
     results = _run(engine, {"t": (prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=100, grammar=grammar,
                                                          n=4))})
@@ -111,7 +111,7 @@ def test_tool_grammar_yields_valid_calls(model, choice):
             continue
         assert reason == "stop" and content == "" and len(parser.calls) == 1 and parser.called, text
         call = parser.calls[0]
-        assert call.name in by_name and (choice in ("required", "auto") or call.name == choice)
+        assert call.name in by_name and call.name == (function or call.name)
         arguments = json.loads(call.arguments)
         assert set(arguments) == set(by_name[call.name].parameters["required"])
 

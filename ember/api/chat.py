@@ -61,7 +61,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     prompt = chat_prompt(model.tokenizer, [m.for_template() for m in body.messages], body.prompt_truncate_len,
                          tools)
     if tools:
-        grammar = tools_grammar(model.structured, tools, mode, body.parallel_tool_calls is not False)
+        grammar = tools_grammar(model.structured, tools, mode, body.parallel_tool_calls is not False,
+                                body.forced_function)
     else:
         grammar = response_format_grammar(model.structured, body.response_format)
     gen = plan_generation(model, body, [prompt], "messages", new_request_id(), grammar, bool(tools))

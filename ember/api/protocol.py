@@ -314,12 +314,12 @@ class ChatCompletionRequest(GenerationRequest):
         names = [f.name for f in self.function_defs]
         if len(set(names)) < len(names):
             raise FieldError("tools" if self.tools is not None else "functions", "function names must be unique")
-        choice = self.tool_mode
+        choice, forced = self.tool_mode, self.forced_function
         param = "tool_choice" if self.function_call is None else "function_call"
         if choice not in ("none", "auto") and not names:
-            raise FieldError(param, f"tool_choice `{choice}` needs tools")
-        if choice not in ("none", "auto", "required") and choice not in names:
-            raise FieldError(param, f"`{choice}` is not among the tools: {names}")
+            raise FieldError(param, f"tool_choice `{forced or choice}` needs tools")
+        if forced is not None and forced not in names:
+            raise FieldError(param, f"`{forced}` is not among the tools: {names}")
         if choice != "none" and self.response_format is not None and self.response_format.type != "text":
             raise FieldError("response_format", "response_format cannot be combined with tool calls; "
                                                 "use tool_choice: none")
@@ -330,16 +330,25 @@ class ChatCompletionRequest(GenerationRequest):
         return [t.function for t in self.tools] if self.tools is not None else list(self.functions or [])
 
     @property
+    def _choice(self) -> str | FunctionChoice | FunctionChoiceName | None:
+        return self.tool_choice if self.tool_choice is not None else self.function_call
+
+    @property
     def tool_mode(self) -> str:
-        """"none", "auto", "required", or the name of the one function to call."""
-        choice = self.tool_choice if self.tool_choice is not None else self.function_call
-        if isinstance(choice, FunctionChoice):
-            return choice.function_name
-        if isinstance(choice, FunctionChoiceName):
-            return choice.name
+        """"none", "auto", "required", or "function" (one call of `forced_function`)."""
+        choice = self._choice
+        if isinstance(choice, FunctionChoice | FunctionChoiceName):
+            return "function"
         if choice is None:
             return "auto" if self.function_defs else "none"
         return "required" if choice == "any" else choice
+
+    @property
+    def forced_function(self) -> str | None:
+        choice = self._choice
+        if isinstance(choice, FunctionChoice):
+            return choice.function_name
+        return choice.name if isinstance(choice, FunctionChoiceName) else None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

@@ -55,10 +55,11 @@ def compile_grammar(backend: Backend, spec: GrammarSpec, param: str) -> Grammar:
                            code="invalid_grammar") from exc
 
 
-def tools_grammar(backend: Backend, tools: list[Tool], choice: str, parallel: bool) -> Grammar:
+def tools_grammar(backend: Backend, tools: list[Tool], choice: str, parallel: bool,
+                  function: str | None = None) -> Grammar:
     """When the tools' grammar does not compile, each parameters schema alone finds the culprit."""
     try:
-        return backend.compile(tool_grammar(tools, choice, parallel))
+        return backend.compile(tool_grammar(tools, choice, parallel, function))
     except GrammarError as exc:
         for i, tool in enumerate(tools):
             compile_grammar(backend, GrammarSpec("json_schema", json.dumps(tool.parameters or ANY_OBJECT)),

@@ -88,10 +88,10 @@ def _call_schema(tool: Tool) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_grammar(tools: list[Tool], choice: str, parallel: bool) -> GrammarSpec:
-    """`choice` is "auto", "required" or the name of the one function to call (once, as OpenAI does)."""
-    named = choice not in ("auto", "required")
-    chosen = [t for t in tools if t.name == choice] if named else tools
+def tool_grammar(tools: list[Tool], choice: str, parallel: bool, function: str | None = None) -> GrammarSpec:
+    """`choice` is "auto", "required" or "function": one call of `function` (once, as OpenAI does)."""
+    named = choice == "function"
+    chosen = [t for t in tools if t.name == function] if named else tools
     schemas = [_call_schema(t) for t in chosen]
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": _JSON_STYLE}
     calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel and not named else "call"
