@@ -5,7 +5,6 @@ with its tokens and logprobs kept in step with its text, and the usage and timin
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -262,7 +261,5 @@ def plan_generation(model: ServedModel, request: GenerationRequest, prompts: lis
     `grammar` constrains every sample; `parse_tool_calls` splits their text into content and calls."""
     check_prompts(prompts, model.vocab_size, model.max_model_len, prompt_param)
     plan = plan_sampling(request, [len(p.token_ids) for p in prompts], model.sampling_defaults,
-                         model.max_model_len, model.vocab_size)
-    if grammar is not None:
-        plan.params = [dataclasses.replace(p, grammar=grammar) for p in plan.params]
+                         model.max_model_len, model.vocab_size, grammar)
     return Generation(model, prompts, plan, request, request_id, grammar, parse_tool_calls)

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from ember.engine.request import SamplingParams
 from ember.serving.errors import RequestError
+from ember.structured.backend import Grammar
 
 DEFAULT_MAX_TOKENS = 2048
 # OpenAI's defaults (the filters off), used when neither the request nor the model's generation config says
@@ -70,9 +71,10 @@ def _logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float]:
 
 
 def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: dict, max_model_len: int,
-                  vocab_size: int) -> SamplingPlan:
+                  vocab_size: int, grammar: Grammar | None = None) -> SamplingPlan:
     """max_tokens defaults to 2048 and is lowered to the room the context leaves, unless the client
-    asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt."""
+    asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt.
+    `grammar` constrains every sample."""
     chosen = {k: _first(getattr(request, k), defaults.get(k), fallback)
               for k, fallback in FALLBACK_DEFAULTS.items()}
     optional = {k: getattr(request, k) for k in _OPTIONAL if getattr(request, k) is not None}
@@ -91,7 +93,7 @@ def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: di
             **chosen, **{k: optional.get(k, _NEUTRAL[k]) for k in _NEUTRAL},
             logit_bias=bias, mirostat_target=request.mirostat_target, seed=request.seed, n=request.n,
             max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=logprobs if request.wants_echo else None))
+            prompt_logprobs=logprobs if request.wants_echo else None, grammar=grammar))
     options = {**chosen, **optional, "max_tokens": max(p.max_tokens for p in params)}
     if request.mirostat_target is not None:
         options["mirostat_lr"] = params[0].mirostat_lr

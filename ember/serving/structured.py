@@ -32,7 +32,7 @@ def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
 
 
 def _param(fmt: ResponseFormat) -> str:
-    return f"response_format.{ {'json_schema': 'json_schema', 'grammar': 'grammar'}.get(fmt.type, 'schema')}"
+    return f"response_format.{fmt.type if fmt.type in ('json_schema', 'grammar') else 'schema'}"
 
 
 def response_format_grammar(backend: Backend, fmt: ResponseFormat | None) -> Grammar | None:
@@ -62,6 +62,6 @@ def tools_grammar(backend: Backend, tools: list[Tool], choice: str, parallel: bo
         return backend.compile(tool_grammar(tools, choice, parallel, function))
     except GrammarError as exc:
         for i, tool in enumerate(tools):
-            compile_grammar(backend, GrammarSpec("json_schema", json.dumps(tool.parameters or ANY_OBJECT)),
+            compile_grammar(backend, GrammarSpec("json_schema", json.dumps(tool.parameters)),
                             f"tools[{i}].function.parameters")
         raise RequestError(f"cannot use these tools: {exc}", "tools", code="invalid_grammar") from exc
