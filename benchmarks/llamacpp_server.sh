@@ -1,39 +1,43 @@
 #!/usr/bin/env bash
-# The reference server for benchmarks: llama-cpp-python's OpenAI-compatible server on the same GGUF.
-# It lives in its own throwaway venv (benchmarks/.venv-llamacpp, git-ignored) and is never a
-# dependency of Ember. PyPI has no prebuilt llama-cpp-python wheel (only the sdist), so the first
-# run compiles llama.cpp: a plain CPU build (no BLAS, no GPU), 2 jobs, ~10 minutes on 2 cores.
-#   usage: benchmarks/llamacpp_server.sh [PORT]     (default 8001; GGUF=... picks another model)
-#          benchmarks/llamacpp_server.sh --build-only
+# The reference for benchmarks: llama.cpp's own `llama-server` (continuous batching over -np slots)
+# and `llama-bench`, built from the llama.cpp sources that ship inside the llama-cpp-python sdist,
+# in a throwaway directory outside the repo (LLAMACPP_DIR, default ~/.cache/ember-llamacpp). Never a
+# dependency of Ember. The first run downloads the sdist from PyPI and builds (~10 min on 2 cores).
+#   usage: benchmarks/llamacpp_server.sh [PORT]        serve the default GGUF (GGUF=... for another)
+#          benchmarks/llamacpp_server.sh --build-only  just build; prints the bin directory
+#   env:   NP parallel slots (16), CTX total context (NP * 1024), THREADS (nproc), VERSION (0.3.36)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=benchmarks/.venv-llamacpp
-VERSION=0.3.16
+DIR="${LLAMACPP_DIR:-$HOME/.cache/ember-llamacpp}"
+VERSION="${VERSION:-0.3.36}"
+BIN="$DIR/build/bin"
 BUILD_ONLY=0
 if [ "${1:-}" = "--build-only" ]; then BUILD_ONLY=1; shift; fi
 PORT="${1:-8001}"
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  # No -march=native (GGML_NATIVE): 0.3.36's native build (AMX on this Xeon) segfaults in decode;
-  # 0.3.16 with the x86 SIMD levels named explicitly runs. AVX-512 only where the CPU has it.
-  FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BLAS=OFF"
-  if grep -qw avx512f /proc/cpuinfo; then FLAGS="$FLAGS -DGGML_AVX512=ON"; fi
+if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
+  mkdir -p "$DIR"
+  if [ ! -d "$DIR/src" ]; then
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$DIR" "llama-cpp-python==$VERSION"
+    tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
+    mv "$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DIR/src"
+    rm -rf "$DIR/llama_cpp_python-$VERSION"
+  fi
   started=$(date +%s)
-  echo "building llama-cpp-python $VERSION (CMAKE_ARGS=$FLAGS) ..." >&2
-  CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-    "$VENV/bin/pip" install -q --no-binary llama-cpp-python "llama-cpp-python[server]==$VERSION"
-  echo "built in $(( $(date +%s) - started )) s" >&2
+  # GGML_NATIVE: -march=native, what llama.cpp's own build does by default (AVX2, AVX-512, VNNI as present)
+  cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_BLAS=OFF \
+    -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF > "$DIR/cmake.log"
+  cmake --build "$DIR/build" -j "$(nproc)" --target llama-server llama-bench > "$DIR/build.log"
+  echo "built llama.cpp ($VERSION) in $(( $(date +%s) - started )) s: $BIN" >&2
 fi
-[ "$BUILD_ONLY" = 1 ] && exit 0
+if [ "$BUILD_ONLY" = 1 ]; then echo "$BIN"; exit 0; fi
 
 GGUF="${GGUF:-$(.venv/bin/python -c "from ember.models.loader import default_model_path; print(default_model_path())")}"
-# - n_ctx 8192 matches Ember's context; 2 threads = this machine's cores, for decode and prefill.
-# - No --chat_format: the chat template then comes from the GGUF (SmolLM2's ChatML with its default
-#   system prompt), the same one Ember applies, so both servers see the same prompt tokens.
-#   (--chat_format chatml would drop that system prompt: ~20 fewer prompt tokens than Ember.)
-# - llama-cpp-python's server has no parallel slots or batching (0.3.16 has no such flag): one
-#   request runs at a time behind a lock, which is its best concurrent throughput here. With
-#   --interrupt_requests False a queued request waits instead of cutting the running stream short.
-exec "$VENV/bin/python" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port "$PORT" \
-  --n_ctx 8192 --n_threads 2 --n_threads_batch 2 --n_batch 512 --interrupt_requests False
+NP="${NP:-16}"
+# - the context is split between the slots: NP * 1024 gives each slot room for the benchmark prompts
+# - --jinja: the chat template comes from the GGUF (SmolLM2's ChatML with its default system
+#   prompt), the same one Ember applies, so both servers see the same prompt tokens
+exec "$BIN/llama-server" --model "$GGUF" --host 127.0.0.1 --port "$PORT" -np "$NP" \
+  --ctx-size "${CTX:-$((NP * 1024))}" --threads "${THREADS:-$(nproc)}" --jinja --no-webui \
+  --log-disable

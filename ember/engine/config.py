@@ -9,7 +9,11 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str | None = None  # GGUF file or Hugging Face folder; None = the bundled SmolLM2
     device: str = "auto"  # "auto" picks cuda when available
-    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # activations and KV cache: "auto" = float32 on CPU, bfloat16 on CUDA
+    # "quantized" keeps GGUF blocks packed (CPU kernels; "auto" on CPU); float32 / bfloat16 / float16
+    # dequantize at load ("auto" on CUDA: bfloat16)
+    weights: str = "auto"
+    threads: int | None = None  # CPU threads for torch and Ember's kernels; None = torch's default (the cores)
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_mb: int = 512  # budget that sizes the number of KV blocks
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)

@@ -19,6 +19,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.sampler import prompt_logprobs, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
+from ember.kernels import cpu as cpu_kernels
 from ember.models.llama import LlamaModel
 
 if TYPE_CHECKING:
@@ -40,14 +41,40 @@ class EngineCounters:
     requests: int = 0
 
 
-def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+WEIGHT_FORMATS = ("auto", "quantized", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Placement:
+    """Where and how the model runs, resolved from an EngineConfig."""
+
+    device: torch.device
+    dtype: torch.dtype  # activations, KV cache and dense weights
+    packed: bool  # GGUF blocks kept packed for the CPU kernels
+
+
+def resolve_device(config: EngineConfig) -> Placement:
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, config.dtype)
+    if config.weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {config.weights!r}")
+    on_cpu = device.type == "cpu"
+    packed = config.weights == "quantized" or (config.weights == "auto" and on_cpu and config.dtype in
+                                               ("auto", "float32") and cpu_kernels.available())
+    if packed:
+        if not on_cpu:
+            raise ValueError("--weights quantized runs on Ember's CPU kernels; on CUDA use bfloat16 or float32")
+        cpu_kernels.lib()  # a missing build fails here, with the way to fix it
+        if config.dtype not in ("auto", "float32"):
+            raise ValueError("--weights quantized computes in float32; leave --dtype at auto or float32")
+        return Placement(device, torch.float32, True)
+    if config.dtype != "auto":
+        return Placement(device, getattr(torch, config.dtype), False)
+    if config.weights in ("float32", "bfloat16", "float16"):
+        return Placement(device, getattr(torch, config.weights), False)
+    return Placement(device, torch.float32 if on_cpu else torch.bfloat16, False)
 
 
 class LLMEngine:
@@ -56,7 +83,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> None:
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
-        device, dtype = resolve_device(config)
+        placement = resolve_device(config)
+        device, dtype = placement.device, placement.dtype
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if placement.packed:
+            cpu_kernels.set_num_threads(torch.get_num_threads())
         self.device = device
         self.model = LlamaModel(weights.config, weights.tensors, device, dtype)
         per_block = ModelRunner.kv_bytes_per_block(weights.config, config.block_size, dtype)
@@ -71,6 +103,8 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._seed_rng = random.Random(config.seed)
         log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
+                                        "weights": "quantized" if placement.packed else str(dtype),
+                                        "weight_mb": round(self.model.weight_bytes / 2**20, 1),
                                         "max_model_len": self.max_model_len})
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ember.engine.scheduler import ScheduledSeq
+from ember.kernels import cpu as cpu_kernels
 from ember.models.attention import AttentionMetadata
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaModel
@@ -16,6 +17,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         cfg, device = model.config, model.device
+        # decodes read the cache in place with the C kernel where it applies (CPU, float32, kernels built)
+        self.cpu_decode_kernel = device.type == "cpu" and model.dtype == torch.float32 and cpu_kernels.available()
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device),
@@ -59,13 +62,16 @@ class ModelRunner:
             logit_rows.extend(range(len(input_ids) - item.num_logit_rows, len(input_ids)))
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(device),
-            num_decodes=len(decode_blocks), decode_blocks=None, decode_mask=None, prefills=prefills,
+            num_decodes=len(decode_blocks), decode_blocks=None, decode_lengths=None, decode_mask=None,
+            prefills=prefills,
         )
         if decode_blocks:
             meta.decode_blocks = pad_sequence(decode_blocks, batch_first=True).to(device)
-            width = meta.decode_blocks.shape[1] * bs
-            lengths = torch.tensor(decode_lengths, device=device)
-            meta.decode_mask = (torch.arange(width, device=device) < lengths.unsqueeze(1))[:, None, None, :]
+            meta.decode_lengths = torch.tensor(decode_lengths, device=device)
+            if not self.cpu_decode_kernel:
+                width = meta.decode_blocks.shape[1] * bs
+                meta.decode_mask = (torch.arange(width, device=device) < meta.decode_lengths.unsqueeze(1))[
+                    :, None, None, :]
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(logit_rows, device=device, dtype=torch.long))
 

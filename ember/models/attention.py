@@ -1,8 +1,9 @@
-"""Attention over the paged KV cache, behind one function so a fused kernel can replace it.
+"""Attention over the paged KV cache, behind one function.
 
-The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`. Reading a sequence's
-context gathers whole blocks with `index_select` (a few contiguous copies per sequence), which on
-a CPU is several times faster than gathering token slots one by one.
+The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`. On a CPU in float32,
+decodes run Ember's C kernel, which reads each sequence's blocks in place; elsewhere (CUDA, other
+dtypes) they gather whole blocks with `index_select` into one padded SDPA call. Prefill chunks
+gather their context and run SDPA, whose flash kernel suits many queries.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ember.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -23,8 +26,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot (block * block_size + offset) per new token
     num_decodes: int
-    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block tables, zero padded
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], True = attend
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block tables (int64), zero padded
+    decode_lengths: torch.Tensor | None  # [num_decodes] context lengths (int64), the new token included
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], True = attend (SDPA path)
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (first row, query length, context length, blocks)
 
 
@@ -47,7 +51,9 @@ def paged_attention(
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     d = meta.num_decodes
-    if d:
+    if d and meta.decode_mask is None:
+        out[:d] = cpu_kernels.decode_attention(q[:d], k_cache, v_cache, meta.decode_blocks, meta.decode_lengths)
+    elif d:
         kd = _gather(k_cache, meta.decode_blocks).transpose(1, 2)  # [B, Hkv, L, D]
         vd = _gather(v_cache, meta.decode_blocks).transpose(1, 2)
         od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,

@@ -1,8 +1,8 @@
 """Llama-family forward pass (Llama, Mistral, Qwen2) over the paged KV cache.
 
-Plain tensors and `F.linear`, no nn.Module tree: the weights come from the loader already in
-Hugging Face layout, and fusing q/k/v and gate/up into single matmuls halves the number of kernel
-launches per layer, which dominates small-batch decode on a CPU.
+No nn.Module tree: the weights come from the loader in Hugging Face layout, dense or packed GGUF
+blocks, and every projection is a `Linear` over whichever it is. Fusing q/k/v and gate/up into single
+products halves the number of calls per layer, which dominates small-batch decode on a CPU.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import torch.nn.functional as F
 
 from ember.models.attention import AttentionMetadata, paged_attention
 from ember.models.config import ModelConfig
+from ember.models.linear import Embedding, Linear, Scratch, Weight, make_linear, weight_bytes
 
 
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + k + v out, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    qkv: Linear  # [q + k + v out, hidden]
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -54,33 +54,38 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class LlamaModel:
     """Weights plus the forward pass; the KV cache is owned by the engine and passed in."""
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device,
+    def __init__(self, config: ModelConfig, tensors: dict[str, Weight], device: torch.device,
                  dtype: torch.dtype) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
+        scratch = Scratch()
 
         def take(name: str) -> torch.Tensor:
             return tensors[name].to(device=device, dtype=dtype)
 
-        self.embed = take("model.embed_tokens.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        def linear(*names: str, bias: bool = False) -> Linear:
+            biases = None
+            if bias and f"{names[0]}.bias" in tensors:
+                biases = torch.cat([tensors[f"{n}.bias"] for n in names])
+            return make_linear([tensors[f"{n}.weight"] for n in names], biases, device, dtype, scratch)
+
+        self.embed = Embedding(tensors["model.embed_tokens.weight"], device, dtype)
+        self.lm_head = linear("model.embed_tokens" if config.tie_word_embeddings else "lm_head")
         self.norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv_bias = None
-            if f"{p}self_attn.q_proj.bias" in tensors:
-                qkv_bias = torch.cat([take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
             self.layers.append(_Layer(
                 input_norm=take(f"{p}input_layernorm.weight"),
-                qkv=torch.cat([take(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]),
-                qkv_bias=qkv_bias,
-                o=take(f"{p}self_attn.o_proj.weight"),
+                qkv=linear(*(f"{p}self_attn.{n}_proj" for n in "qkv"), bias=True),
+                o=linear(f"{p}self_attn.o_proj"),
                 post_norm=take(f"{p}post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]),
-                down=take(f"{p}mlp.down_proj.weight"),
+                gate_up=linear(f"{p}mlp.gate_proj", f"{p}mlp.up_proj"),
+                down=linear(f"{p}mlp.down_proj"),
             ))
+        self.weight_bytes = weight_bytes([self.embed, self.lm_head] + [
+            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)])
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(config))
         self.cos = freqs.cos().to(device)
@@ -106,20 +111,20 @@ class LlamaModel:
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed(input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = self._rms_norm(h, layer.input_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q = self._rope(qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim), cos, sin)
             k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-            h = h + F.linear(attn.reshape(n, q_size), layer.o)
+            h = h + layer.o(attn.reshape(n, q_size))
             x = self._rms_norm(h, layer.post_norm)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         return self._rms_norm(h, self.norm)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

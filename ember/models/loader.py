@@ -1,8 +1,9 @@
 """Weights and architecture from a GGUF file or a Hugging Face folder, in Hugging Face naming.
 
-The model code sees exactly what transformers would load: GGUF tensors are dequantized (torch
-kernels for the common block types, `gguf.quants` for the rest) and llama.cpp's Q/K row permutation
-is undone; Hugging Face folders are read from safetensors as they are.
+The model code sees what transformers would load, in Hugging Face naming and layout: llama.cpp's
+Q/K row permutation is undone, and GGUF tensors are either kept packed (`packed=True`: the block
+types the CPU kernels take stay as stored, as `PackedTensor`s) or dequantized (torch kernels for the
+common block types, `gguf.quants` for the rest). Hugging Face folders are read from safetensors.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ember.kernels.cpu import PACKED_TYPES
 from ember.models.config import ModelConfig
 from ember.models.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from ember.models.linear import PackedTensor, Weight
 from ember.models.tokenizer import Tokenizer
 
 SUPPORTED_HF = {"llama", "mistral", "qwen2"}
@@ -43,7 +46,7 @@ _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
 @dataclass
 class LoadedWeights:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]  # Hugging Face Llama names, [out_features, in_features]
+    tensors: dict[str, Weight]  # Hugging Face Llama names, [out_features, in_features]
     path: Path  # the file or folder loaded
     generation_config: dict = field(default_factory=dict)  # generation_config.json beside an HF model
 
@@ -71,19 +74,20 @@ def _resolve(path: str | Path | None) -> Path:
     raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model folder")
 
 
-def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32) -> tuple[LoadedWeights, Tokenizer]:
+def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32,
+               packed: bool = False) -> tuple[LoadedWeights, Tokenizer]:
     """Weights and tokenizer of a GGUF file or Hugging Face folder (None = the bundled default)."""
     path = _resolve(path)
     if path.is_dir():
         return _load_hf(path, dtype), Tokenizer.load(path)
     gguf = read_gguf(path)
-    return _load_gguf(gguf, path, dtype), Tokenizer.from_gguf_metadata(gguf.metadata)
+    return _load_gguf(gguf, path, dtype, packed), Tokenizer.from_gguf_metadata(gguf.metadata)
 
 
-def load_weights(path: str | Path | None, dtype: torch.dtype = torch.float32) -> LoadedWeights:
+def load_weights(path: str | Path | None, dtype: torch.dtype = torch.float32, packed: bool = False) -> LoadedWeights:
     """Weights and config of a GGUF file or Hugging Face folder (None = the bundled default)."""
     path = _resolve(path)
-    return _load_hf(path, dtype) if path.is_dir() else _load_gguf(read_gguf(path), path, dtype)
+    return _load_hf(path, dtype) if path.is_dir() else _load_gguf(read_gguf(path), path, dtype, packed)
 
 
 # --- GGUF dequantization ---------------------------------------------------------------------------
@@ -311,7 +315,7 @@ def _hf_name(gguf_name: str) -> str:
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama-family model")
 
 
-def _gguf_tensor(t: GGUFTensor, config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+def _gguf_tensor(t: GGUFTensor, config: ModelConfig, dtype: torch.dtype, packed: bool) -> Weight:
     raw = torch.from_numpy(np.array(t.data))  # off the read-only file map, in one copy
     n_head = None
     if config.architecture == "llama" and t.name.endswith((".attn_q.weight", ".attn_q.bias")):
@@ -320,6 +324,8 @@ def _gguf_tensor(t: GGUFTensor, config: ModelConfig, dtype: torch.dtype) -> torc
         n_head = config.num_kv_heads
     if n_head is not None and len(t.shape) == 2:
         raw = _unpermute_rows(raw, n_head)  # rows are whole blocks: reorder the bytes, not the floats
+    if packed and t.ggml_type in PACKED_TYPES and len(t.shape) == 2:
+        return PackedTensor(raw, t.ggml_type, t.shape)
     w = dequantize(raw, t.ggml_type, t.shape, dtype)
     if n_head is not None and len(t.shape) == 1:
         w = _unpermute_rows(w, n_head)
@@ -338,14 +344,14 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _load_gguf(gguf: GGUFFile, path: Path, dtype: torch.dtype) -> LoadedWeights:
+def _load_gguf(gguf: GGUFFile, path: Path, dtype: torch.dtype, packed: bool) -> LoadedWeights:
     config = gguf_config(gguf)
     tensors = {}
     with _one_thread():
         for t in gguf.tensors:
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
-            tensors[_hf_name(t.name)] = _gguf_tensor(t, config, dtype)
+            tensors[_hf_name(t.name)] = _gguf_tensor(t, config, dtype, packed)
     _check_tensors(config, tensors, path)
     return LoadedWeights(config, tensors, path, {})
 
@@ -436,7 +442,7 @@ def _load_hf(folder: Path, dtype: torch.dtype) -> LoadedWeights:
     return LoadedWeights(config, tensors, folder, generation_config)
 
 
-def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _check_tensors(config: ModelConfig, tensors: dict[str, Weight], path: Path) -> None:
     """Fail at load, naming the tensor, rather than deep in the first forward pass."""
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     expected = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}

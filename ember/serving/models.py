@@ -56,8 +56,8 @@ def load_served_model(engine_config: EngineConfig, served_name: str | None = Non
     """Weights, tokenizer and engine; `generation_config` (a JSON file) overrides the model's own."""
     path = Path(engine_config.model) if engine_config.model else default_model_path()
     started = time.perf_counter()
-    _, dtype = resolve_device(engine_config)
-    weights, tokenizer = load_model(path, dtype)  # one read of the GGUF metadata for both
+    placement = resolve_device(engine_config)
+    weights, tokenizer = load_model(path, placement.dtype, placement.packed)  # one read of the GGUF for both
     gen = dict(weights.generation_config)
     if generation_config:
         gen.update(json.loads(Path(generation_config).read_text()))

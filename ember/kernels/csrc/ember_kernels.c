@@ -1,0 +1,759 @@
+/* Ember's CPU kernels: products of packed GGUF weight blocks with float activations, dequantization,
+ * and the thread pool that runs them. Loaded with ctypes (see ember/kernels/cpu.py); no Python API.
+ *
+ * Activations are quantized on the fly to blocks of 32 int8 values with one float scale and the
+ * integer sum of the block (the sum folds a weight block's offset or minimum into one multiply), as
+ * llama.cpp's q8_1 does. Each weight format then needs only an integer dot product of 32 pairs per
+ * block. Kernels exist three times: portable C (correct everywhere, ARM included), AVX2+FMA, and
+ * AVX2 with AVX-VNNI (vpdpbusd); the best the CPU has is picked once at load (ember_init).
+ *
+ * Work is split into chunks of output rows taken from one atomic counter, so a pool thread that
+ * the OS has not scheduled just takes no chunk: a shared core slows a product, never stalls it.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define EMBER_X86 1
+#include <immintrin.h>
+#endif
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+typedef struct {
+    float d;       /* scale: x ~= d * qs */
+    int32_t sum;   /* sum of qs */
+    int8_t qs[32];
+} block_q8;        /* 40 bytes */
+
+static float f16_table[65536];
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = ldexpf((float)mant, -24);
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112) << 23) | (mant << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_table[h];
+}
+
+/* ---- block geometry ------------------------------------------------------------------------- */
+
+static int block_elems(int type) { return type >= T_Q4_K ? 256 : 32; }
+
+static int block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* Q4_K / Q5_K: 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4). */
+static inline void k_scale_min(int j, const uint8_t *s, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* ---- dequantization (portable; the same float arithmetic, in the same order, as gguf.quants) -- */
+
+static void dequant_block(int type, const uint8_t *b, float *y) {
+    switch (type) {
+    case T_Q8_0: {
+        float d = f16(b);
+        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * d;
+        break;
+    }
+    case T_Q4_0: {
+        float d = f16(b);
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)((b[2 + j] & 0xF) - 8) * d;
+            y[j + 16] = (float)((b[2 + j] >> 4) - 8) * d;
+        }
+        break;
+    }
+    case T_Q4_1: {
+        float d = f16(b), m = f16(b + 2);
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)(b[4 + j] & 0xF) * d + m;
+            y[j + 16] = (float)(b[4 + j] >> 4) * d + m;
+        }
+        break;
+    }
+    case T_Q5_0:
+    case T_Q5_1: {
+        int q51 = type == T_Q5_1;
+        float d = f16(b), m = q51 ? f16(b + 2) : 0.0f;
+        uint32_t qh;
+        memcpy(&qh, b + (q51 ? 4 : 2), 4);
+        const uint8_t *qs = b + (q51 ? 8 : 6);
+        for (int j = 0; j < 16; j++) {
+            int lo = (qs[j] & 0xF) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            if (q51) {
+                y[j] = (float)lo * d + m;
+                y[j + 16] = (float)hi * d + m;
+            } else {
+                y[j] = (float)(lo - 16) * d;
+                y[j + 16] = (float)(hi - 16) * d;
+            }
+        }
+        break;
+    }
+    case T_Q4_K:
+    case T_Q5_K: {
+        int q5 = type == T_Q5_K;
+        float d = f16(b), dmin = f16(b + 2);
+        const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (q5 ? 48 : 16);
+        for (int j = 0; j < 8; j++) {
+            int s, m;
+            k_scale_min(j, sc, &s, &m);
+            float ds = d * (float)s, dm = dmin * (float)m;
+            const uint8_t *q = qs + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) {
+                int v = (j & 1) ? (q[l] >> 4) : (q[l] & 0xF);
+                if (q5) v |= ((qh[l] >> j) & 1) << 4;
+                y[32 * j + l] = (float)v * ds - dm;
+            }
+        }
+        break;
+    }
+    case T_Q6_K: {
+        float d = f16(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+            for (int l = 0; l < 32; l++) {
+                int q[4] = {(ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4), (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)};
+                for (int g = 0; g < 4; g++) {
+                    int e = 128 * h + 32 * g + l;
+                    y[e] = (float)(q[g] - 32) * (d * (float)sc[e / 16]);
+                }
+            }
+        }
+        break;
+    }
+    }
+}
+
+static void dequant_row(int type, const uint8_t *row, int64_t k, float *y) {
+    if (type == T_F32) {
+        memcpy(y, row, (size_t)k * 4);
+        return;
+    }
+    if (type == T_F16) {
+        for (int64_t i = 0; i < k; i++) y[i] = f16(row + 2 * i);
+        return;
+    }
+    int be = block_elems(type), bb = block_bytes(type);
+    for (int64_t i = 0; i < k / be; i++) dequant_block(type, row + i * bb, y + i * be);
+}
+
+/* ---- activation quantization -------------------------------------------------------------- */
+
+static void quantize_row_q8(const float *x, int64_t k, block_q8 *out) {
+    for (int64_t i = 0; i < k / 32; i++, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            int v = (int)nearbyintf(x[j] * id);
+            out[i].qs[j] = (int8_t)v;
+            sum += v;
+        }
+        out[i].d = d;
+        out[i].sum = sum;
+    }
+}
+
+/* ---- dot products, portable ------------------------------------------------------------------ */
+
+/* dot of one weight row (nb blocks of `type`) with one quantized activation row */
+typedef float (*dot_fn)(int type, const uint8_t *w, const block_q8 *x, int64_t nb);
+
+static inline int32_t idot16(const uint8_t *lo_hi_src, int high, const int8_t *y) { /* 16 nibbles */
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++) s += (high ? (lo_hi_src[j] >> 4) : (lo_hi_src[j] & 0xF)) * y[j];
+    return s;
+}
+
+static float dot_portable(int type, const uint8_t *w, const block_q8 *x, int64_t nb) {
+    float acc = 0.0f;
+    int bb = block_bytes(type);
+    for (int64_t i = 0; i < nb * 32 / block_elems(type); i++, w += bb) {
+        switch (type) {
+        case T_Q8_0: {
+            int32_t s = 0;
+            for (int j = 0; j < 32; j++) s += (int8_t)w[2 + j] * x[i].qs[j];
+            acc += f16(w) * x[i].d * (float)s;
+            break;
+        }
+        case T_Q4_0: {
+            int32_t s = idot16(w + 2, 0, x[i].qs) + idot16(w + 2, 1, x[i].qs + 16);
+            acc += f16(w) * x[i].d * (float)(s - 8 * x[i].sum);
+            break;
+        }
+        case T_Q4_1: {
+            int32_t s = idot16(w + 4, 0, x[i].qs) + idot16(w + 4, 1, x[i].qs + 16);
+            acc += f16(w) * x[i].d * (float)s + f16(w + 2) * x[i].d * (float)x[i].sum;
+            break;
+        }
+        case T_Q5_0:
+        case T_Q5_1: {
+            int q51 = type == T_Q5_1;
+            uint32_t qh;
+            memcpy(&qh, w + (q51 ? 4 : 2), 4);
+            const uint8_t *qs = w + (q51 ? 8 : 6);
+            int32_t s = 0;
+            for (int j = 0; j < 16; j++) {
+                s += ((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) * x[i].qs[j];
+                s += ((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * x[i].qs[j + 16];
+            }
+            if (q51) acc += f16(w) * x[i].d * (float)s + f16(w + 2) * x[i].d * (float)x[i].sum;
+            else acc += f16(w) * x[i].d * (float)(s - 16 * x[i].sum);
+            break;
+        }
+        case T_Q4_K:
+        case T_Q5_K: {
+            int q5 = type == T_Q5_K;
+            float d = f16(w), dmin = f16(w + 2);
+            const uint8_t *qh = w + 16, *qs = w + (q5 ? 48 : 16);
+            const block_q8 *xb = x + 8 * i;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                k_scale_min(j, w + 4, &sc, &m);
+                const uint8_t *q = qs + 32 * (j / 2);
+                int32_t s = 0;
+                for (int l = 0; l < 32; l++) {
+                    int v = (j & 1) ? (q[l] >> 4) : (q[l] & 0xF);
+                    if (q5) v |= ((qh[l] >> j) & 1) << 4;
+                    s += v * xb[j].qs[l];
+                }
+                acc += d * (float)sc * xb[j].d * (float)s - dmin * (float)m * xb[j].d * (float)xb[j].sum;
+            }
+            break;
+        }
+        case T_Q6_K: {
+            float d = f16(w + 208);
+            const int8_t *sc = (const int8_t *)(w + 192);
+            const block_q8 *xb = x + 8 * i;
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+                for (int g = 0; g < 4; g++) {
+                    const block_q8 *xg = xb + 4 * h + g;
+                    int32_t s[2] = {0, 0};
+                    for (int l = 0; l < 32; l++) {
+                        int lo = (g & 1) ? ql[l + 32] : ql[l];
+                        int v = ((g & 2) ? (lo >> 4) : (lo & 0xF)) | (((qh[l] >> (2 * g)) & 3) << 4);
+                        s[l / 16] += (v - 32) * xg->qs[l];
+                    }
+                    int e = 128 * h + 32 * g;
+                    acc += d * xg->d * (float)(sc[e / 16] * s[0] + sc[e / 16 + 1] * s[1]);
+                }
+            }
+            break;
+        }
+        }
+    }
+    return acc;
+}
+
+/* ---- dot products, x86 (AVX2 + FMA, optionally AVX-VNNI) -------------------------------------- */
+#ifdef EMBER_X86
+#define X86_DOT_BODY                                                                                       \
+    static inline float hsum8(__m256 v) {                                                                  \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                     \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                            \
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                             \
+        return _mm_cvtss_f32(s);                                                                           \
+    }                                                                                                      \
+    /* 16 packed bytes -> 32 nibbles: low nibbles in bytes 0..15, high nibbles in 16..31 */               \
+    static inline __m256i nibbles32(const uint8_t *p) {                                                    \
+        __m128i t = _mm_loadu_si128((const __m128i *)p);                                                   \
+        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));        \
+    }                                                                                                      \
+    /* bit j of a little-endian uint32 -> byte j = 0x10 where set */                                       \
+    static inline __m256i bits32_x10(const uint8_t *p) {                                                   \
+        uint32_t v;                                                                                        \
+        memcpy(&v, p, 4);                                                                                  \
+        const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, \
+                                               0x0000000000000000);                                        \
+        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);                                  \
+        b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));                                    \
+        return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));     \
+    }                                                                                                      \
+    /* unsigned bytes x signed bytes -> 8 int32 sums of 4 products each */                                 \
+    static inline __m256i dot_us(__m256i u, __m256i s) { return DOT_US(u, s); }                            \
+    static inline __m256i dot_ss(__m256i a, __m256i b) {                                                   \
+        return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));                                     \
+    }                                                                                                      \
+    static inline __m256i ld(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }           \
+    static float DOT_NAME(int type, const uint8_t *w, const block_q8 *x, int64_t nb) {                     \
+        __m256 acc = _mm256_setzero_ps();                                                                  \
+        float extra = 0.0f;                                                                                \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                         \
+        switch (type) {                                                                                    \
+        case T_Q8_0:                                                                                       \
+            for (int64_t i = 0; i < nb; i++, w += 34) {                                                    \
+                __m256 p = _mm256_cvtepi32_ps(dot_ss(ld((const int8_t *)w + 2), ld(x[i].qs)));             \
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[i].d), p, acc);                            \
+            }                                                                                              \
+            break;                                                                                         \
+        case T_Q4_0:                                                                                       \
+            for (int64_t i = 0; i < nb; i++, w += 18) {                                                    \
+                float dd = f16(w) * x[i].d;                                                                \
+                __m256 p = _mm256_cvtepi32_ps(dot_us(nibbles32(w + 2), ld(x[i].qs)));                      \
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc);                                         \
+                extra -= 8.0f * dd * (float)x[i].sum;                                                      \
+            }                                                                                              \
+            break;                                                                                         \
+        case T_Q4_1:                                                                                       \
+            for (int64_t i = 0; i < nb; i++, w += 20) {                                                    \
+                __m256 p = _mm256_cvtepi32_ps(dot_us(nibbles32(w + 4), ld(x[i].qs)));                      \
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[i].d), p, acc);                            \
+                extra += f16(w + 2) * x[i].d * (float)x[i].sum;                                            \
+            }                                                                                              \
+            break;                                                                                         \
+        case T_Q5_0:                                                                                       \
+        case T_Q5_1: {                                                                                     \
+            int q51 = type == T_Q5_1, bb = q51 ? 24 : 22;                                                  \
+            for (int64_t i = 0; i < nb; i++, w += bb) {                                                    \
+                __m256i q = _mm256_or_si256(nibbles32(w + (q51 ? 8 : 6)), bits32_x10(w + (q51 ? 4 : 2)));  \
+                float dd = f16(w) * x[i].d;                                                                \
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot_us(q, ld(x[i].qs))), acc); \
+                extra += q51 ? f16(w + 2) * x[i].d * (float)x[i].sum : -16.0f * dd * (float)x[i].sum;      \
+            }                                                                                              \
+            break;                                                                                         \
+        }                                                                                                  \
+        case T_Q4_K:                                                                                       \
+        case T_Q5_K: {                                                                                     \
+            int q5 = type == T_Q5_K, bb = q5 ? 176 : 144;                                                  \
+            for (int64_t i = 0; i < nb / 8; i++, w += bb) {                                                \
+                float d = f16(w), dmin = f16(w + 2);                                                       \
+                const uint8_t *qs = w + (q5 ? 48 : 16);                                                    \
+                const block_q8 *xb = x + 8 * i;                                                            \
+                __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();  \
+                for (int j = 0; j < 8; j += 2) {                                                           \
+                    int sc0, m0, sc1, m1;                                                                  \
+                    k_scale_min(j, w + 4, &sc0, &m0);                                                      \
+                    k_scale_min(j + 1, w + 4, &sc1, &m1);                                                  \
+                    __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 16 * j));                     \
+                    __m256i lo = _mm256_and_si256(bits, m4);                                               \
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);                         \
+                    if (q5) {                                                                              \
+                        const __m256i one = _mm256_set1_epi8(1);                                           \
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(                                        \
+                                 _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), one), 4));   \
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(                                        \
+                                 _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j + 1)), one), 4)); \
+                    }                                                                                      \
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc0 * xb[j].d),                        \
+                                          _mm256_cvtepi32_ps(dot_us(lo, ld(xb[j].qs))), acc);              \
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * xb[j + 1].d),                    \
+                                          _mm256_cvtepi32_ps(dot_us(hi, ld(xb[j + 1].qs))), acc);          \
+                    extra -= dmin * ((float)m0 * xb[j].d * (float)xb[j].sum +                              \
+                                     (float)m1 * xb[j + 1].d * (float)xb[j + 1].sum);                      \
+                }                                                                                          \
+            }                                                                                              \
+            break;                                                                                         \
+        }                                                                                                  \
+        case T_Q6_K: {                                                                                     \
+            const __m256i m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);                            \
+            for (int64_t i = 0; i < nb / 8; i++, w += 210) {                                               \
+                float d = f16(w + 208);                                                                    \
+                const int8_t *sc = (const int8_t *)(w + 192);                                              \
+                const block_q8 *xb = x + 8 * i;                                                            \
+                for (int h = 0; h < 2; h++) {                                                              \
+                    __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));                        \
+                    __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));                   \
+                    __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));                  \
+                    __m256i q[4] = {                                                                       \
+                        _mm256_or_si256(_mm256_and_si256(l0, m4),                                          \
+                                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),                   \
+                        _mm256_or_si256(_mm256_and_si256(l1, m4),                                          \
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)), \
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),                    \
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)), \
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),                    \
+                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)), \
+                    };                                                                                     \
+                    for (int g = 0; g < 4; g++) {                                                          \
+                        const block_q8 *xg = xb + 4 * h + g;                                               \
+                        int s = 8 * h + 2 * g;                                                             \
+                        __m256i p = dot_ss(_mm256_sub_epi8(q[g], off), ld(xg->qs));                        \
+                        p = _mm256_mullo_epi32(p, _mm256_setr_epi32(sc[s], sc[s], sc[s], sc[s], sc[s + 1], \
+                                                                    sc[s + 1], sc[s + 1], sc[s + 1]));     \
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xg->d), _mm256_cvtepi32_ps(p), acc);      \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+            break;                                                                                         \
+        }                                                                                                  \
+        }                                                                                                  \
+        return hsum8(acc) + extra;                                                                         \
+    }
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define DOT_US(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+#define DOT_NAME dot_avx2
+X86_DOT_BODY
+#undef DOT_US
+#undef DOT_NAME
+#pragma GCC pop_options
+
+/* the same kernels with vpdpbusd (one instruction for maddubs + madd, no int16 saturation) */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#define hsum8 hsum8_vnni
+#define nibbles32 nibbles32_vnni
+#define bits32_x10 bits32_x10_vnni
+#define dot_us dot_us_vnni
+#define dot_ss dot_ss_vnni
+#define ld ld_vnni
+#define DOT_US(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+#define DOT_NAME dot_avxvnni
+X86_DOT_BODY
+#pragma GCC pop_options
+#endif
+
+/* ---- thread pool ------------------------------------------------------------------------------ */
+
+typedef void (*task_fn)(void *ctx, int64_t chunk);
+
+#define MAX_THREADS 64
+#define SPIN_ITERS 20000
+
+static struct {
+    pthread_mutex_t busy;            /* one job at a time; a caller that finds it held runs inline */
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    pthread_t threads[MAX_THREADS];
+    int n_workers;                   /* threads besides the caller */
+    int stop;
+    _Atomic uint32_t gen;            /* job generation */
+    _Atomic uint64_t next;           /* (generation << 32) | next chunk */
+    _Atomic int64_t done;
+    task_fn fn;
+    void *ctx;
+    int64_t n_chunks;
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#ifdef EMBER_X86
+    _mm_pause();
+#endif
+}
+
+/* Take chunks of job `gen` until none is left; the generation in the counter keeps a late thread
+ * from taking a chunk of a later job with a stale view of it. */
+static void run_chunks(uint32_t gen) {
+    for (;;) {
+        uint64_t v = atomic_load(&pool.next);
+        if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= pool.n_chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
+        pool.fn(pool.ctx, (int64_t)(v & 0xffffffffu));
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint32_t seen = atomic_load(&pool.gen);
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&pool.gen) == seen) {
+            if (++spins < SPIN_ITERS) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen && !pool.stop) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+            if (pool.stop) return NULL;
+        }
+        if (pool.stop) return NULL;
+        seen = atomic_load(&pool.gen);
+        run_chunks(seen);
+    }
+}
+
+static void parallel_for(task_fn fn, void *ctx, int64_t n_chunks) {
+    if (n_chunks <= 0) return;
+    if (n_chunks == 1 || pool.n_workers == 0 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int64_t c = 0; c < n_chunks; c++) fn(ctx, c);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n_chunks = n_chunks;
+    atomic_store(&pool.done, 0);
+    uint32_t gen = atomic_load(&pool.gen) + 1;
+    atomic_store(&pool.next, (uint64_t)gen << 32);
+    pthread_mutex_lock(&pool.mu);
+    atomic_store(&pool.gen, gen);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    run_chunks(gen);
+    for (int spins = 0; atomic_load(&pool.done) < n_chunks; spins++) {
+        if (spins < SPIN_ITERS) cpu_relax();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* Threads used by every kernel, the caller included. Not to be called while a kernel runs. */
+int ember_set_num_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    pthread_mutex_lock(&pool.busy);
+    pthread_mutex_lock(&pool.mu);
+    pool.stop = 1;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 0; i < pool.n_workers; i++) pthread_join(pool.threads[i], NULL);
+    pool.stop = 0;
+    pool.n_workers = 0;
+    for (int i = 0; i < n - 1; i++) {
+        if (pthread_create(&pool.threads[i], NULL, worker, NULL) != 0) break;
+        pool.n_workers++;
+    }
+    pthread_mutex_unlock(&pool.busy);
+    return pool.n_workers + 1;
+}
+
+int ember_num_threads(void) { return pool.n_workers + 1; }
+
+/* ---- public entry points ------------------------------------------------------------------------ */
+
+static dot_fn best_dot = dot_portable;
+static const char *isa_name = "portable";
+
+/* 0 portable, 1 avx2, 2 avx-vnni: the best the CPU supports up to `max_level`. */
+int ember_init(int max_level) {
+    for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
+    best_dot = dot_portable;
+    isa_name = "portable";
+#ifdef EMBER_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    int avxvnni = avx2 && (a & (1u << 4));  /* CPUID.(EAX=7,ECX=1):EAX[4] */
+    if (max_level >= 2 && avxvnni) {
+        best_dot = dot_avxvnni;
+        isa_name = "avx-vnni";
+    } else if (max_level >= 1 && avx2) {
+        best_dot = dot_avx2;
+        isa_name = "avx2";
+    }
+#else
+    (void)max_level;
+#endif
+    return 0;
+}
+
+const char *ember_isa(void) { return isa_name; }
+
+int ember_block_bytes(int type) { return block_bytes(type); }
+int ember_block_elems(int type) { return block_elems(type); }
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_bytes, n_out, k, m, rows_per_chunk, ldy;
+    const block_q8 *x;
+    float *y;
+    const float *bias;
+} matmul_job;
+
+static void matmul_chunk(void *ctx, int64_t chunk) {
+    const matmul_job *j = ctx;
+    int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
+    if (r1 > j->n_out) r1 = j->n_out;
+    int64_t nb = j->k / 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = j->w + r * j->row_bytes;
+        float b = j->bias ? j->bias[r] : 0.0f;
+        for (int64_t i = 0; i < j->m; i++) j->y[i * j->ldy + r] = best_dot(j->type, row, j->x + i * nb, nb) + b;
+    }
+}
+
+typedef struct {
+    const float *x;
+    int64_t k, ldx;
+    block_q8 *out;
+} quant_job;
+
+static void quant_chunk(void *ctx, int64_t row) {
+    const quant_job *j = ctx;
+    quantize_row_q8(j->x + row * j->ldx, j->k, j->out + row * (j->k / 32));
+}
+
+/* The calling thread's buffer for quantized activations, grown as needed (one per engine thread). */
+static _Thread_local block_q8 *q8_buf;
+static _Thread_local int64_t q8_cap;
+
+/* y[m, n_out] (row stride ldy) = x[m, k] (row stride ldx) @ W^T (+ bias), W being n_out rows of packed
+ * blocks. Returns 0, -1 for a type or shape the kernels do not take, -2 when out of memory. */
+int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, int64_t k, const float *x,
+                  int64_t ldx, int64_t m, float *y, int64_t ldy, const float *bias) {
+    if (block_bytes(type) == 0 || k % block_elems(type) != 0) return -1;
+    if (m * (k / 32) > q8_cap) {
+        block_q8 *grown = realloc(q8_buf, (size_t)(m * (k / 32)) * sizeof(block_q8));
+        if (!grown) return -2;
+        q8_buf = grown;
+        q8_cap = m * (k / 32);
+    }
+    block_q8 *xq = q8_buf;
+    quant_job qj = {x, k, ldx, xq};
+    if (m * k >= 16384) parallel_for(quant_chunk, &qj, m);
+    else for (int64_t i = 0; i < m; i++) quant_chunk(&qj, i);
+    /* enough chunks to balance 1-4 threads, each at least a few rows of one weight stream */
+    int64_t threads = pool.n_workers + 1, per = n_out / (threads * 8);
+    if (per < 4) per = 4;
+    matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, y, bias};
+    parallel_for(matmul_chunk, &mj, (n_out + per - 1) / per);
+    return 0;
+}
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_bytes, k, rows_per_chunk, n_rows;
+    const int64_t *rows;
+    float *out;
+} dequant_job;
+
+static void dequant_chunk(void *ctx, int64_t chunk) {
+    const dequant_job *j = ctx;
+    int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
+    if (r1 > j->n_rows) r1 = j->n_rows;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t src = j->rows ? j->rows[r] : r;
+        dequant_row(j->type, j->w + src * j->row_bytes, j->k, j->out + r * j->k);
+    }
+}
+
+/* out[n_rows, k] = rows `rows` (or 0..n_rows-1 when NULL) of W, as float32. */
+int ember_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t k, const int64_t *rows, int64_t n_rows,
+                     float *out) {
+    if (type != T_F32 && type != T_F16 && (block_bytes(type) == 0 || k % block_elems(type) != 0)) return -1;
+    int64_t per = n_rows * k >= 65536 ? 16 : n_rows;
+    if (per < 1) per = 1;
+    dequant_job j = {type, w, row_bytes, k, per, n_rows, rows, out};
+    parallel_for(dequant_chunk, &j, (n_rows + per - 1) / per);
+    return 0;
+}
+
+/* ---- decode attention over the paged KV cache ------------------------------------------------------ */
+
+#ifdef EMBER_X86
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* e^x for x <= 0 to ~2 ulp: x = n ln2 + r, 2^n from the exponent bits, a degree-6 polynomial for e^r.
+ * Written branch-free so the loop over a row of scores vectorizes (libm's expf does not). */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.008333334f +
+              r * 0.0013888889f)))));
+    union { float f; int32_t i; } u = {p};
+    u.i += (int32_t)n << 23;
+    return u.f;
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int j = 0; j < 16; j++) s += acc[j];
+    return s;
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *tables, *lens;
+    int64_t heads, kv_heads, dim, block_size, max_blocks;
+    float scale;
+    float *out;
+} attn_job;
+
+static _Thread_local float *score_buf;
+static _Thread_local int64_t score_cap;
+
+/* One (sequence, query head): tasks per head rather than per kv head balance the threads even for a
+ * single sequence; the key rows a group of heads shares are re-read from cache, not memory. */
+MULTIVERSION static void attn_task(void *ctx, int64_t task) {
+    const attn_job *j = ctx;
+    int64_t b = task / j->heads, h = task % j->heads, kvh = h / (j->heads / j->kv_heads), len = j->lens[b];
+    int64_t d = j->dim, stride = j->kv_heads * d, bs = j->block_size;
+    float *o = j->out + (b * j->heads + h) * d;
+    memset(o, 0, (size_t)d * sizeof(float));
+    if (len > score_cap) {
+        float *grown = realloc(score_buf, (size_t)len * sizeof(float));
+        if (!grown) return;
+        score_buf = grown;
+        score_cap = len;
+    }
+    const float *q = j->q + (b * j->heads + h) * d;
+    const int64_t *table = j->tables + b * j->max_blocks;
+    float *s = score_buf, mx = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        s[t] = dot_f32(q, j->k_cache + (table[t / bs] * bs + t % bs) * stride + kvh * d, d) * j->scale;
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        s[t] = exp_neg(s[t] - mx);
+        sum += s[t];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t t = 0; t < len; t++) {
+        const float *v = j->v_cache + (table[t / bs] * bs + t % bs) * stride + kvh * d;
+        float p = s[t] * inv;
+        for (int64_t e = 0; e < d; e++) o[e] += p * v[e];
+    }
+}
+
+/* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for single-token decodes, K_b / V_b being the first
+ * lens[b] slots of sequence b's blocks (tables[b, :]) in caches laid out [blocks, block_size, kv_heads, dim]. */
+void ember_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+                            const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
+                            int64_t block_size, int64_t max_blocks, float scale, float *out) {
+    attn_job j = {q, k_cache, v_cache, tables, lens, heads, kv_heads, dim, block_size, max_blocks, scale, out};
+    parallel_for(attn_task, &j, batch * heads);
+}
