@@ -107,3 +107,15 @@ def test_bad_shapes_are_errors():
 def test_isa_reported():
     assert cpu.isa() in cpu.ISA_LEVELS
     assert "portable" in ISAS
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_batch(isa, qtype):
+    """A row's product is bit-identical alone, in a batch of 3 (one-row kernel) or 13 (8-row kernel)."""
+    raw, _, x = case(qtype, 37, 512, 13, seed=int(qtype))
+    args = (int(qtype), torch.from_numpy(raw), 512)
+    xt = torch.from_numpy(x)
+    together = cpu.qmatmul(xt, *args)
+    for i in range(13):
+        assert torch.equal(cpu.qmatmul(xt[i:i + 1], *args), together[i:i + 1]), (isa, i)
+    assert torch.equal(cpu.qmatmul(xt[4:7], *args), together[4:7])

@@ -23,6 +23,25 @@ class KernelsUnavailable(RuntimeError):
     pass
 
 
+# The decode step's model description (ember_kernels.c: qweight, qlayer, qmodel); it holds raw pointers,
+# so whoever builds one keeps the tensors alive.
+class QWeight(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int32), ("w", ctypes.c_void_p), ("row_bytes", ctypes.c_int64),
+                ("n_out", ctypes.c_int64), ("k", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+class QLayer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", QWeight), ("o", QWeight),
+                ("gate_up", QWeight), ("down", QWeight), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class QModel(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64),
+                ("block_size", ctypes.c_int64), ("eps", ctypes.c_float), ("cos_t", ctypes.c_void_p),
+                ("sin_t", ctypes.c_void_p), ("layers", ctypes.POINTER(QLayer))]
+
+
 def _library_path() -> Path:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = _HERE / f"_ember_kernels{suffix}"
@@ -41,9 +60,13 @@ def _load() -> ctypes.CDLL:
     lib.ember_isa.restype = ctypes.c_char_p
     lib.ember_set_num_threads.argtypes = [ctypes.c_int]
     lib.ember_block_bytes.argtypes = lib.ember_block_elems.argtypes = [ctypes.c_int]
-    lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr]
+    lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ember_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
-    lib.ember_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
+    lib.ember_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
+    lib.ember_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
+    lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.ember_decode_layers.argtypes = [ctypes.POINTER(QModel), ptr, i64, ptr, ptr, ptr, ptr, i64]
     level = os.environ.get("EMBER_KERNEL_ISA", "avx-vnni")
     if level not in ISA_LEVELS:
         raise ValueError(f"EMBER_KERNEL_ISA must be one of {sorted(ISA_LEVELS)}, not {level!r}")
@@ -91,15 +114,16 @@ def block_shape(ggml_type: int) -> tuple[int, int]:
 
 
 def qmatmul(x: torch.Tensor, ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] float32 (rows contiguous) @ W^T (+ bias) for W = `packed` uint8 [n, bytes per row]."""
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] float32 (rows contiguous) @ W^T (+ bias) for W = `packed` uint8 [n, bytes per row];
+    with `residual` [m, n] (rows contiguous), the product is added into it in place and it is returned."""
     m, n = x.shape[0], packed.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
+    out = torch.empty(m, n, dtype=torch.float32) if residual is None else residual
     rc = lib().ember_qmatmul(ggml_type, packed.data_ptr(), packed.stride(0), n, k, x.data_ptr(), x.stride(0), m,
-                             out.data_ptr(), out.stride(0), None if bias is None else bias.data_ptr())
+                             out.data_ptr(), out.stride(0), None if bias is None else bias.data_ptr(),
+                             residual is not None)
     if rc:
         raise ValueError(f"qmatmul failed ({rc}) for ggml type {ggml_type}, k={k}")
     return out
@@ -128,9 +152,52 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [batch, max blocks]; lengths int64 [batch] (context length, the new token included).
     """
     batch, heads, dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    lib().ember_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    out = torch.empty(batch, heads, dim)
+    lib().ember_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                 block_tables.data_ptr(),
                                  lengths.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1],
                                  block_tables.shape[1], dim ** -0.5, out.data_ptr())
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [n, d] (rows contiguous)."""
+    n, d = x.shape
+    out = torch.empty(n, d)
+    lib().ember_rms_norm(x.data_ptr(), x.stride(0), n, d, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up], [n, 2 * inter] contiguous."""
+    n, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(n, inter)
+    lib().ember_silu_mul(gate_up.data_ptr(), n, inter, out.data_ptr())
+    return out
+
+
+def rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+               kv_heads: int, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Rotary embedding of q and k in place in qkv [n, (heads + 2 kv_heads) * dim], then k and v into the
+    caches at `slots` (int64 flat slot per row). cos / sin: [positions, dim / 2] tables."""
+    dim = k_cache.shape[-1]
+    lib().ember_rope_store(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
+                           sin.data_ptr(), heads, kv_heads, dim, slots.data_ptr(), k_cache.data_ptr(),
+                           v_cache.data_ptr())
+
+
+def qweight(ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | None) -> QWeight:
+    return QWeight(ggml_type, packed.data_ptr(), packed.stride(0), packed.shape[0], k,
+                   None if bias is None else bias.data_ptr())
+
+
+def decode_layers(model: QModel, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  block_tables: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Every decoder layer of `model` for single-token decodes, in one call; h [batch, hidden] in place."""
+    rc = lib().ember_decode_layers(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
+                                   slots.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(),
+                                   block_tables.shape[1])
+    if rc:
+        raise RuntimeError(f"decode step failed ({rc})")

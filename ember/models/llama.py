@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember.models.attention import AttentionMetadata, paged_attention
+from ember.kernels import cpu as cpu_kernels
+from ember.models.attention import AttentionMetadata, paged_attention, store_kv
 from ember.models.config import ModelConfig
-from ember.models.linear import Embedding, Linear, Scratch, Weight, make_linear, weight_bytes
+from ember.models.linear import Embedding, Linear, PackedLinear, Weight, make_linear, weight_bytes
 
 
 @dataclass
@@ -59,7 +60,6 @@ class LlamaModel:
         self.config = config
         self.device = device
         self.dtype = dtype
-        scratch = Scratch()
 
         def take(name: str) -> torch.Tensor:
             return tensors[name].to(device=device, dtype=dtype)
@@ -68,7 +68,7 @@ class LlamaModel:
             biases = None
             if bias and f"{names[0]}.bias" in tensors:
                 biases = torch.cat([tensors[f"{n}.bias"] for n in names])
-            return make_linear([tensors[f"{n}.weight"] for n in names], biases, device, dtype, scratch)
+            return make_linear([tensors[f"{n}.weight"] for n in names], biases, device, dtype)
 
         self.embed = Embedding(tensors["model.embed_tokens.weight"], device, dtype)
         self.lm_head = linear("model.embed_tokens" if config.tie_word_embeddings else "lm_head")
@@ -90,8 +90,17 @@ class LlamaModel:
         freqs = torch.outer(positions, rope_inv_freq(config))
         self.cos = freqs.cos().to(device)
         self.sin = freqs.sin().to(device)
+        # CPU float32: the per-layer norms, rotary embedding, cache writes and activation as fused C calls
+        self.fused = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
+        # and with every projection packed, a step of decodes runs all layers in one C call
+        self.one_call_decode = self.fused and all(
+            isinstance(lin, PackedLinear) for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                               layer.down))
+        self._step_model: tuple[list, cpu_kernels.QModel, object] | None = None
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return cpu_kernels.rms_norm(x, weight, self.config.rms_norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * xf.to(x.dtype)
@@ -102,27 +111,60 @@ class LlamaModel:
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
+    def _rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+        """Rotary embedding of q and k, k and v written to the cache; returns q [tokens, heads, head_dim]."""
+        cfg, n = self.config, qkv.shape[0]
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if self.fused:
+            cpu_kernels.rope_store(qkv, positions, self.cos, self.sin, cfg.num_heads, cfg.num_kv_heads,
+                                   meta.slot_mapping, k_cache, v_cache)
+            return qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        q = self._rope(qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        store_kv(k, qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim), k_cache, v_cache, meta)
+        return q
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return cpu_kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def _describe(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> cpu_kernels.QModel:
+        """The C description of this model over these caches (built once per cache list)."""
+        if self._step_model is None or self._step_model[0] is not kv_caches:
+            cfg = self.config
+
+            def q(lin: Linear) -> cpu_kernels.QWeight:
+                return cpu_kernels.qweight(lin.weight.ggml_type, lin.weight.data, lin.in_features, lin.bias)
+
+            layers = (cpu_kernels.QLayer * cfg.num_layers)(*[
+                cpu_kernels.QLayer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), q(layer.qkv), q(layer.o),
+                                   q(layer.gate_up), q(layer.down), k.data_ptr(), v.data_ptr())
+                for layer, (k, v) in zip(self.layers, kv_caches, strict=True)])
+            model = cpu_kernels.QModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                       cfg.intermediate_size, kv_caches[0][0].shape[1], cfg.rms_norm_eps,
+                                       self.cos.data_ptr(), self.sin.data_ptr(), layers)
+            self._step_model = (kv_caches, model, layers)
+        return self._step_model[1]
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor,
                 torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, one row per input token."""
-        cfg = self.config
-        n = input_ids.shape[0]
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        n, q_size = input_ids.shape[0], self.config.num_heads * self.config.head_dim
         h = self.embed(input_ids)
+        if self.one_call_decode and meta.num_decodes == n:
+            cpu_kernels.decode_layers(self._describe(kv_caches), h, positions, meta.slot_mapping,
+                                      meta.decode_blocks, meta.decode_lengths)
+            return self._rms_norm(h, self.norm)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x = self._rms_norm(h, layer.input_norm)
-            qkv = layer.qkv(x)
-            q = self._rope(qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-            h = h + layer.o(attn.reshape(n, q_size))
-            x = self._rms_norm(h, layer.post_norm)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            q = self._rope_store(layer.qkv(self._rms_norm(h, layer.input_norm)), positions, k_cache, v_cache, meta)
+            h = layer.o(paged_attention(q, k_cache, v_cache, meta).reshape(n, q_size), residual=h)
+            h = layer.down(self._act(layer.gate_up(self._rms_norm(h, layer.post_norm))), residual=h)
         return self._rms_norm(h, self.norm)
 
     @torch.inference_mode()

@@ -28,9 +28,18 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
 
 typedef struct {
     float d;       /* scale: x ~= d * qs */
+    float s;       /* d * sum of qs */
+    float s_lo;    /* d * sum of qs[0..15] (Q6_K's half-block scales) */
     int32_t sum;   /* sum of qs */
     int8_t qs[32];
-} block_q8;        /* 40 bytes */
+} block_q8;        /* 48 bytes */
+
+typedef struct {
+    float d[8];      /* per row */
+    float s[8];      /* d * sum of the row's 32 values */
+    float s_lo[8];   /* d * sum of the first 16 */
+    int8_t qs[256];  /* bytes 4t..4t+3 of rows 0..7, then 4t+4.. (see gemm_x86.h) */
+} block_q8x8;        /* one block of 8 activation rows, interleaved */
 
 static float f16_table[65536];
 
@@ -182,13 +191,16 @@ static void quantize_row_q8(const float *x, int64_t k, block_q8 *out) {
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
         float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        int32_t sum = 0;
+        int32_t sum = 0, lo = 0;
         for (int j = 0; j < 32; j++) {
             int v = (int)nearbyintf(x[j] * id);
             out[i].qs[j] = (int8_t)v;
             sum += v;
+            lo += j < 16 ? v : 0;
         }
         out[i].d = d;
+        out[i].s = d * (float)sum;
+        out[i].s_lo = d * (float)lo;
         out[i].sum = sum;
     }
 }
@@ -196,8 +208,6 @@ static void quantize_row_q8(const float *x, int64_t k, block_q8 *out) {
 /* ---- dot products, portable ------------------------------------------------------------------ */
 
 /* dot of one weight row (nb blocks of `type`) with one quantized activation row */
-typedef float (*dot_fn)(int type, const uint8_t *w, const block_q8 *x, int64_t nb);
-
 static inline int32_t idot16(const uint8_t *lo_hi_src, int high, const int8_t *y) { /* 16 nibbles */
     int32_t s = 0;
     for (int j = 0; j < 16; j++) s += (high ? (lo_hi_src[j] >> 4) : (lo_hi_src[j] & 0xF)) * y[j];
@@ -285,162 +295,54 @@ static float dot_portable(int type, const uint8_t *w, const block_q8 *x, int64_t
     return acc;
 }
 
-/* ---- dot products, x86 (AVX2 + FMA, optionally AVX-VNNI) -------------------------------------- */
-#ifdef EMBER_X86
-#define X86_DOT_BODY                                                                                       \
-    static inline float hsum8(__m256 v) {                                                                  \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                     \
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                            \
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                             \
-        return _mm_cvtss_f32(s);                                                                           \
-    }                                                                                                      \
-    /* 16 packed bytes -> 32 nibbles: low nibbles in bytes 0..15, high nibbles in 16..31 */               \
-    static inline __m256i nibbles32(const uint8_t *p) {                                                    \
-        __m128i t = _mm_loadu_si128((const __m128i *)p);                                                   \
-        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));        \
-    }                                                                                                      \
-    /* bit j of a little-endian uint32 -> byte j = 0x10 where set */                                       \
-    static inline __m256i bits32_x10(const uint8_t *p) {                                                   \
-        uint32_t v;                                                                                        \
-        memcpy(&v, p, 4);                                                                                  \
-        const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, \
-                                               0x0000000000000000);                                        \
-        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);                                  \
-        b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));                                    \
-        return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));     \
-    }                                                                                                      \
-    /* unsigned bytes x signed bytes -> 8 int32 sums of 4 products each */                                 \
-    static inline __m256i dot_us(__m256i u, __m256i s) { return DOT_US(u, s); }                            \
-    static inline __m256i dot_ss(__m256i a, __m256i b) {                                                   \
-        return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));                                     \
-    }                                                                                                      \
-    static inline __m256i ld(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }           \
-    static float DOT_NAME(int type, const uint8_t *w, const block_q8 *x, int64_t nb) {                     \
-        __m256 acc = _mm256_setzero_ps();                                                                  \
-        float extra = 0.0f;                                                                                \
-        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                         \
-        switch (type) {                                                                                    \
-        case T_Q8_0:                                                                                       \
-            for (int64_t i = 0; i < nb; i++, w += 34) {                                                    \
-                __m256 p = _mm256_cvtepi32_ps(dot_ss(ld((const int8_t *)w + 2), ld(x[i].qs)));             \
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[i].d), p, acc);                            \
-            }                                                                                              \
-            break;                                                                                         \
-        case T_Q4_0:                                                                                       \
-            for (int64_t i = 0; i < nb; i++, w += 18) {                                                    \
-                float dd = f16(w) * x[i].d;                                                                \
-                __m256 p = _mm256_cvtepi32_ps(dot_us(nibbles32(w + 2), ld(x[i].qs)));                      \
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc);                                         \
-                extra -= 8.0f * dd * (float)x[i].sum;                                                      \
-            }                                                                                              \
-            break;                                                                                         \
-        case T_Q4_1:                                                                                       \
-            for (int64_t i = 0; i < nb; i++, w += 20) {                                                    \
-                __m256 p = _mm256_cvtepi32_ps(dot_us(nibbles32(w + 4), ld(x[i].qs)));                      \
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(w) * x[i].d), p, acc);                            \
-                extra += f16(w + 2) * x[i].d * (float)x[i].sum;                                            \
-            }                                                                                              \
-            break;                                                                                         \
-        case T_Q5_0:                                                                                       \
-        case T_Q5_1: {                                                                                     \
-            int q51 = type == T_Q5_1, bb = q51 ? 24 : 22;                                                  \
-            for (int64_t i = 0; i < nb; i++, w += bb) {                                                    \
-                __m256i q = _mm256_or_si256(nibbles32(w + (q51 ? 8 : 6)), bits32_x10(w + (q51 ? 4 : 2)));  \
-                float dd = f16(w) * x[i].d;                                                                \
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot_us(q, ld(x[i].qs))), acc); \
-                extra += q51 ? f16(w + 2) * x[i].d * (float)x[i].sum : -16.0f * dd * (float)x[i].sum;      \
-            }                                                                                              \
-            break;                                                                                         \
-        }                                                                                                  \
-        case T_Q4_K:                                                                                       \
-        case T_Q5_K: {                                                                                     \
-            int q5 = type == T_Q5_K, bb = q5 ? 176 : 144;                                                  \
-            for (int64_t i = 0; i < nb / 8; i++, w += bb) {                                                \
-                float d = f16(w), dmin = f16(w + 2);                                                       \
-                const uint8_t *qs = w + (q5 ? 48 : 16);                                                    \
-                const block_q8 *xb = x + 8 * i;                                                            \
-                __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();  \
-                for (int j = 0; j < 8; j += 2) {                                                           \
-                    int sc0, m0, sc1, m1;                                                                  \
-                    k_scale_min(j, w + 4, &sc0, &m0);                                                      \
-                    k_scale_min(j + 1, w + 4, &sc1, &m1);                                                  \
-                    __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 16 * j));                     \
-                    __m256i lo = _mm256_and_si256(bits, m4);                                               \
-                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);                         \
-                    if (q5) {                                                                              \
-                        const __m256i one = _mm256_set1_epi8(1);                                           \
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(                                        \
-                                 _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), one), 4));   \
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(                                        \
-                                 _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j + 1)), one), 4)); \
-                    }                                                                                      \
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc0 * xb[j].d),                        \
-                                          _mm256_cvtepi32_ps(dot_us(lo, ld(xb[j].qs))), acc);              \
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * xb[j + 1].d),                    \
-                                          _mm256_cvtepi32_ps(dot_us(hi, ld(xb[j + 1].qs))), acc);          \
-                    extra -= dmin * ((float)m0 * xb[j].d * (float)xb[j].sum +                              \
-                                     (float)m1 * xb[j + 1].d * (float)xb[j + 1].sum);                      \
-                }                                                                                          \
-            }                                                                                              \
-            break;                                                                                         \
-        }                                                                                                  \
-        case T_Q6_K: {                                                                                     \
-            const __m256i m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);                            \
-            for (int64_t i = 0; i < nb / 8; i++, w += 210) {                                               \
-                float d = f16(w + 208);                                                                    \
-                const int8_t *sc = (const int8_t *)(w + 192);                                              \
-                const block_q8 *xb = x + 8 * i;                                                            \
-                for (int h = 0; h < 2; h++) {                                                              \
-                    __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));                        \
-                    __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));                   \
-                    __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));                  \
-                    __m256i q[4] = {                                                                       \
-                        _mm256_or_si256(_mm256_and_si256(l0, m4),                                          \
-                                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),                   \
-                        _mm256_or_si256(_mm256_and_si256(l1, m4),                                          \
-                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)), \
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),                    \
-                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)), \
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),                    \
-                                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)), \
-                    };                                                                                     \
-                    for (int g = 0; g < 4; g++) {                                                          \
-                        const block_q8 *xg = xb + 4 * h + g;                                               \
-                        int s = 8 * h + 2 * g;                                                             \
-                        __m256i p = dot_ss(_mm256_sub_epi8(q[g], off), ld(xg->qs));                        \
-                        p = _mm256_mullo_epi32(p, _mm256_setr_epi32(sc[s], sc[s], sc[s], sc[s], sc[s + 1], \
-                                                                    sc[s + 1], sc[s + 1], sc[s + 1]));     \
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xg->d), _mm256_cvtepi32_ps(p), acc);      \
-                    }                                                                                      \
-                }                                                                                          \
-            }                                                                                              \
-            break;                                                                                         \
-        }                                                                                                  \
-        }                                                                                                  \
-        return hsum8(acc) + extra;                                                                         \
-    }
+/* out[0..7] = <weight row, activation row r> for the 8 interleaved rows of x */
+typedef void (*gemm8_fn)(int type, const uint8_t *w, const block_q8x8 *x, int64_t nb, float *out);
+/* out[0..7] = <weight row w[r], activation row x> */
+typedef void (*gemv8_fn)(int type, const uint8_t *const *w, const block_q8 *x, int64_t nb, float *out);
 
+/* 8 rows of activation blocks (fewer at the end of a batch: the rest zero) interleaved for gemm8 */
+static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        block_q8x8 *o = out + b;
+        memset(o, 0, sizeof *o);
+        for (int64_t r = 0; r < rows; r++) {
+            const block_q8 *src = x + r * nb + b;
+            o->d[r] = src->d;
+            o->s[r] = src->s;
+            o->s_lo[r] = src->s_lo;
+            for (int t = 0; t < 8; t++) memcpy(o->qs + 32 * t + 4 * r, src->qs + 4 * t, 4);
+        }
+    }
+}
+
+/* ---- dot products, x86 (AVX2 + FMA, and the same with AVX-VNNI) -------------------------------- */
+#ifdef EMBER_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define DOT_US(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-#define DOT_NAME dot_avx2
-X86_DOT_BODY
+#define DOT4(acc, w, y) _mm256_add_epi32(acc, DOT_US(w, y))
+#define SIGNED_Q8 1
+#define SUFFIX _avx2
+#include "dot_x86.h"
+#include "gemm_x86.h"
 #undef DOT_US
-#undef DOT_NAME
+#undef DOT4
+#undef SIGNED_Q8
+#undef SUFFIX
 #pragma GCC pop_options
 
-/* the same kernels with vpdpbusd (one instruction for maddubs + madd, no int16 saturation) */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
-#define hsum8 hsum8_vnni
-#define nibbles32 nibbles32_vnni
-#define bits32_x10 bits32_x10_vnni
-#define dot_us dot_us_vnni
-#define dot_ss dot_ss_vnni
-#define ld ld_vnni
 #define DOT_US(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-#define DOT_NAME dot_avxvnni
-X86_DOT_BODY
+#define DOT4(acc, w, y) _mm256_dpbusd_avx_epi32(acc, w, y)
+#define SIGNED_Q8 0
+#define SUFFIX _avxvnni
+#include "dot_x86.h"
+#include "gemm_x86.h"
+#undef DOT_US
+#undef DOT4
+#undef SIGNED_Q8
+#undef SUFFIX
 #pragma GCC pop_options
 #endif
 
@@ -553,13 +455,16 @@ int ember_num_threads(void) { return pool.n_workers + 1; }
 
 /* ---- public entry points ------------------------------------------------------------------------ */
 
-static dot_fn best_dot = dot_portable;
+/* the x86 kernels, NULL on the portable path */
+static gemm8_fn best_gemm8 = NULL;
+static gemv8_fn best_gemv8 = NULL;
 static const char *isa_name = "portable";
 
 /* 0 portable, 1 avx2, 2 avx-vnni: the best the CPU supports up to `max_level`. */
 int ember_init(int max_level) {
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
-    best_dot = dot_portable;
+    best_gemm8 = NULL;
+    best_gemv8 = NULL;
     isa_name = "portable";
 #ifdef EMBER_X86
     __builtin_cpu_init();
@@ -568,10 +473,12 @@ int ember_init(int max_level) {
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
     int avxvnni = avx2 && (a & (1u << 4));  /* CPUID.(EAX=7,ECX=1):EAX[4] */
     if (max_level >= 2 && avxvnni) {
-        best_dot = dot_avxvnni;
+        best_gemm8 = gemm8_row_avxvnni;
+        best_gemv8 = gemv8_avxvnni;
         isa_name = "avx-vnni";
     } else if (max_level >= 1 && avx2) {
-        best_dot = dot_avx2;
+        best_gemm8 = gemm8_row_avx2;
+        best_gemv8 = gemv8_avx2;
         isa_name = "avx2";
     }
 #else
@@ -590,19 +497,44 @@ typedef struct {
     const uint8_t *w;
     int64_t row_bytes, n_out, k, m, rows_per_chunk, ldy;
     const block_q8 *x;
+    const block_q8x8 *x8;  /* the same rows interleaved in groups of 8, when gemm8 runs */
     float *y;
     const float *bias;
+    int accumulate;        /* y += instead of y = */
 } matmul_job;
+
+static inline void store_out(const matmul_job *j, int64_t row, int64_t col, float v) {
+    float *dst = j->y + row * j->ldy + col;
+    *dst = (j->accumulate ? *dst : 0.0f) + v + (j->bias ? j->bias[col] : 0.0f);
+}
 
 static void matmul_chunk(void *ctx, int64_t chunk) {
     const matmul_job *j = ctx;
     int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
     if (r1 > j->n_out) r1 = j->n_out;
     int64_t nb = j->k / 32;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = j->w + r * j->row_bytes;
-        float b = j->bias ? j->bias[r] : 0.0f;
-        for (int64_t i = 0; i < j->m; i++) j->y[i * j->ldy + r] = best_dot(j->type, row, j->x + i * nb, nb) + b;
+    float part[8];
+    if (!best_gemv8) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < j->m; i++)
+                store_out(j, i, r, dot_portable(j->type, j->w + r * j->row_bytes, j->x + i * nb, nb));
+        return;
+    }
+    if (j->x8) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < j->m; i += 8) {
+                best_gemm8(j->type, j->w + r * j->row_bytes, j->x8 + (i / 8) * nb, nb, part);
+                for (int t = 0; t < 8 && i + t < j->m; t++) store_out(j, i + t, r, part[t]);
+            }
+        return;
+    }
+    for (int64_t r = r0; r < r1; r += 8) {
+        const uint8_t *rows[8];
+        for (int t = 0; t < 8; t++) rows[t] = j->w + (r + t < r1 ? r + t : r1 - 1) * j->row_bytes;
+        for (int64_t i = 0; i < j->m; i++) {
+            best_gemv8(j->type, rows, j->x + i * nb, nb, part);
+            for (int t = 0; t < 8 && r + t < r1; t++) store_out(j, i, r + t, part[t]);
+        }
     }
 }
 
@@ -620,11 +552,17 @@ static void quant_chunk(void *ctx, int64_t row) {
 /* The calling thread's buffer for quantized activations, grown as needed (one per engine thread). */
 static _Thread_local block_q8 *q8_buf;
 static _Thread_local int64_t q8_cap;
+static _Thread_local block_q8x8 *q8x8_buf;
+static _Thread_local int64_t q8x8_cap;
 
-/* y[m, n_out] (row stride ldy) = x[m, k] (row stride ldx) @ W^T (+ bias), W being n_out rows of packed
- * blocks. Returns 0, -1 for a type or shape the kernels do not take, -2 when out of memory. */
+/* from this many activation rows on, the 8-row interleaved kernel runs */
+#define GEMM8_MIN_ROWS 4
+
+/* y[m, n_out] (row stride ldy) (+)= x[m, k] (row stride ldx) @ W^T (+ bias), W being n_out rows of packed
+ * blocks; `accumulate` adds to y (a residual) instead of overwriting it. Returns 0, -1 for a type or
+ * shape the kernels do not take, -2 when out of memory. */
 int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, int64_t k, const float *x,
-                  int64_t ldx, int64_t m, float *y, int64_t ldy, const float *bias) {
+                  int64_t ldx, int64_t m, float *y, int64_t ldy, const float *bias, int accumulate) {
     if (block_bytes(type) == 0 || k % block_elems(type) != 0) return -1;
     if (m * (k / 32) > q8_cap) {
         block_q8 *grown = realloc(q8_buf, (size_t)(m * (k / 32)) * sizeof(block_q8));
@@ -636,10 +574,23 @@ int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, 
     quant_job qj = {x, k, ldx, xq};
     if (m * k >= 16384) parallel_for(quant_chunk, &qj, m);
     else for (int64_t i = 0; i < m; i++) quant_chunk(&qj, i);
+    int64_t nb = k / 32, groups = (m + 7) / 8;
+    block_q8x8 *x8 = NULL;
+    if (best_gemm8 && m >= GEMM8_MIN_ROWS) {
+        if (groups * nb > q8x8_cap) {
+            block_q8x8 *grown = realloc(q8x8_buf, (size_t)(groups * nb) * sizeof(block_q8x8));
+            if (!grown) return -2;
+            q8x8_buf = grown;
+            q8x8_cap = groups * nb;
+        }
+        x8 = q8x8_buf;
+        for (int64_t g = 0; g < groups; g++)
+            pack_q8x8(xq + 8 * g * nb, m - 8 * g < 8 ? m - 8 * g : 8, nb, x8 + g * nb);
+    }
     /* enough chunks to balance 1-4 threads, each at least a few rows of one weight stream */
-    int64_t threads = pool.n_workers + 1, per = n_out / (threads * 8);
-    if (per < 4) per = 4;
-    matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, y, bias};
+    int64_t threads = pool.n_workers + 1, per = (n_out / (threads * 8) + 7) / 8 * 8;  /* gemv8 takes 8 rows */
+    if (per < 8) per = 8;
+    matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, x8, y, bias, accumulate};
     parallel_for(matmul_chunk, &mj, (n_out + per - 1) / per);
     return 0;
 }
@@ -681,10 +632,10 @@ int ember_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t k, c
 #define MULTIVERSION
 #endif
 
-/* e^x for x <= 0 to ~2 ulp: x = n ln2 + r, 2^n from the exponent bits, a degree-6 polynomial for e^r.
- * Written branch-free so the loop over a row of scores vectorizes (libm's expf does not). */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
+/* e^x to ~2 ulp on [-87, 88] (clamped outside): x = n ln2 + r, 2^n from the exponent bits, a degree-6
+ * polynomial for e^r. Branch-free, so loops over rows of values vectorize (libm's expf does not). */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = __builtin_floorf(x * 1.44269504f + 0.5f);
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.008333334f +
@@ -708,7 +659,7 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
 typedef struct {
     const float *q, *k_cache, *v_cache;
     const int64_t *tables, *lens;
-    int64_t heads, kv_heads, dim, block_size, max_blocks;
+    int64_t q_stride, heads, kv_heads, dim, block_size, max_blocks;
     float scale;
     float *out;
 } attn_job;
@@ -730,7 +681,7 @@ MULTIVERSION static void attn_task(void *ctx, int64_t task) {
         score_buf = grown;
         score_cap = len;
     }
-    const float *q = j->q + (b * j->heads + h) * d;
+    const float *q = j->q + b * j->q_stride + h * d;
     const int64_t *table = j->tables + b * j->max_blocks;
     float *s = score_buf, mx = -INFINITY, sum = 0.0f;
     for (int64_t t = 0; t < len; t++) {
@@ -738,7 +689,7 @@ MULTIVERSION static void attn_task(void *ctx, int64_t task) {
         mx = s[t] > mx ? s[t] : mx;
     }
     for (int64_t t = 0; t < len; t++) {
-        s[t] = exp_neg(s[t] - mx);
+        s[t] = exp_approx(s[t] - mx);
         sum += s[t];
     }
     float inv = 1.0f / sum;
@@ -749,11 +700,124 @@ MULTIVERSION static void attn_task(void *ctx, int64_t task) {
     }
 }
 
-/* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for single-token decodes, K_b / V_b being the first
- * lens[b] slots of sequence b's blocks (tables[b, :]) in caches laid out [blocks, block_size, kv_heads, dim]. */
-void ember_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-                            const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
-                            int64_t block_size, int64_t max_blocks, float scale, float *out) {
-    attn_job j = {q, k_cache, v_cache, tables, lens, heads, kv_heads, dim, block_size, max_blocks, scale, out};
+/* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for single-token decodes (query rows q_stride apart),
+ * K_b / V_b being the first lens[b] slots of sequence b's blocks (tables[b, :]) in caches laid out
+ * [blocks, block_size, kv_heads, dim]; out is [batch, heads, dim]. */
+void ember_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                            const int64_t *tables, const int64_t *lens, int64_t batch, int64_t heads,
+                            int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, float scale,
+                            float *out) {
+    attn_job j = {q, k_cache, v_cache, tables, lens, q_stride, heads, kv_heads, dim, block_size, max_blocks,
+                  scale, out};
     parallel_for(attn_task, &j, batch * heads);
+}
+
+/* ---- the small per-layer operations, fused (one call instead of 5-20 torch ops each) --------------- */
+
+/* out[i] = w * x[i] / sqrt(mean(x[i]^2) + eps) for n rows of d values (rows ld apart in x) */
+MULTIVERSION void ember_rms_norm(const float *x, int64_t ldx, int64_t n, int64_t d, const float *w, float eps,
+                                 float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * ldx;
+        float ss = dot_f32(xi, xi, d);
+        float r = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int64_t e = 0; e < d; e++) out[i * d + e] = w[e] * (xi[e] * r);
+    }
+}
+
+/* out[i] = silu(gu[i, :inter]) * gu[i, inter:] for n rows */
+MULTIVERSION void ember_silu_mul(const float *gu, int64_t n, int64_t inter, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *g = gu + i * 2 * inter, *u = g + inter;
+        for (int64_t e = 0; e < inter; e++) out[i * inter + e] = g[e] / (1.0f + exp_approx(-g[e])) * u[e];
+    }
+}
+
+/* In place on qkv rows ([q heads | k heads | v heads] * dim, rows ld apart): rotate-half rotary embedding
+ * of q and k at each row's position (cos/sin tables [positions, dim / 2]), then store k and v into the
+ * caches ([slots, kv_heads, dim] flat) at each row's slot. */
+MULTIVERSION void ember_rope_store(float *qkv, int64_t ld, int64_t n, const int64_t *positions, const float *cos_t,
+                                   const float *sin_t, int64_t heads, int64_t kv_heads, int64_t dim,
+                                   const int64_t *slots, float *k_cache, float *v_cache) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < n; i++) {
+        float *row = qkv + i * ld;
+        const float *c = cos_t + positions[i] * half, *s = sin_t + positions[i] * half;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            float *x = row + h * dim;
+            for (int64_t e = 0; e < half; e++) {
+                float a = x[e], b = x[e + half];
+                x[e] = a * c[e] - b * s[e];
+                x[e + half] = b * c[e] + a * s[e];
+            }
+        }
+        int64_t kv = kv_heads * dim;
+        memcpy(k_cache + slots[i] * kv, row + heads * dim, (size_t)kv * sizeof(float));
+        memcpy(v_cache + slots[i] * kv, row + (heads + kv_heads) * dim, (size_t)kv * sizeof(float));
+    }
+}
+
+/* ---- a whole decode step of a Llama-family model with packed weights, in one call -------------------- */
+
+typedef struct {
+    int32_t type;
+    const uint8_t *w;
+    int64_t row_bytes, n_out, k;
+    const float *bias;
+} qweight;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    qweight qkv, o, gate_up, down;
+    float *k_cache, *v_cache;
+} qlayer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, inter, block_size;
+    float eps;
+    const float *cos_t, *sin_t;
+    const qlayer *layers;
+} qmodel;  /* mirrored by ctypes Structures in ember/kernels/cpu.py */
+
+static _Thread_local float *step_buf;
+static _Thread_local int64_t step_cap;
+
+static int qlinear(const qweight *q, const float *x, int64_t m, float *y, int accumulate) {
+    return ember_qmatmul(q->type, q->w, q->row_bytes, q->n_out, q->k, x, q->k, m, y, q->n_out, q->bias, accumulate);
+}
+
+/* The decoder layers for `batch` single-token decodes: h [batch, hidden] is the embedded input and
+ * becomes the last layer's output (before the final norm). Per row: its position, its new cache slot,
+ * its block table (max_blocks wide) and context length. The same arithmetic as the per-operation calls
+ * (llama.py's fused path), without returning to Python between operations. Returns 0 or an error. */
+int ember_decode_layers(const qmodel *m, float *h, int64_t batch, const int64_t *positions, const int64_t *slots,
+                        const int64_t *tables, const int64_t *lens, int64_t max_blocks) {
+    int64_t q_size = m->heads * m->head_dim, kv_size = m->kv_heads * m->head_dim, qkv_size = q_size + 2 * kv_size;
+    int64_t need = batch * (m->hidden + qkv_size + q_size + 3 * m->inter);
+    if (need > step_cap) {
+        float *grown = realloc(step_buf, (size_t)need * sizeof(float));
+        if (!grown) return -2;
+        step_buf = grown;
+        step_cap = need;
+    }
+    float *x = step_buf, *qkv = x + batch * m->hidden, *attn = qkv + batch * qkv_size, *gu = attn + batch * q_size;
+    float *act = gu + batch * 2 * m->inter;
+    float scale = 1.0f / sqrtf((float)m->head_dim);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const qlayer *L = m->layers + l;
+        int rc = 0;
+        ember_rms_norm(h, m->hidden, batch, m->hidden, L->input_norm, m->eps, x);
+        rc |= qlinear(&L->qkv, x, batch, qkv, 0);
+        ember_rope_store(qkv, qkv_size, batch, positions, m->cos_t, m->sin_t, m->heads, m->kv_heads, m->head_dim,
+                         slots, L->k_cache, L->v_cache);
+        ember_decode_attention(qkv, qkv_size, L->k_cache, L->v_cache, tables, lens, batch, m->heads, m->kv_heads,
+                               m->head_dim, m->block_size, max_blocks, scale, attn);
+        rc |= qlinear(&L->o, attn, batch, h, 1);
+        ember_rms_norm(h, m->hidden, batch, m->hidden, L->post_norm, m->eps, x);
+        rc |= qlinear(&L->gate_up, x, batch, gu, 0);
+        ember_silu_mul(gu, batch, m->inter, act);
+        rc |= qlinear(&L->down, act, batch, h, 1);
+        if (rc) return rc;
+    }
+    return 0;
 }
