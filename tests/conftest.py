@@ -20,6 +20,14 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
+def float32_server(tmp_path_factory) -> Iterator[Server]:
+    """The bundled model dequantized to float32 (`--weights float32`), for exact parity with transformers;
+    the packed default's own error is bounded in test_quantized_model.py."""
+    with launch("--weights", "float32", log=tmp_path_factory.mktemp("ember-f32") / "serve.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory) -> Iterator[Server]:
     """A 12-block KV cache (forces preemption; 192-token context), its own served name, sampling
     defaults from --generation-config, and one setting from an EMBER_* variable instead of a flag."""

@@ -70,9 +70,10 @@ def assert_close(a, b, tol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.3, "top_k": 20, "seed": 11}])
-def test_sampled_token_logprobs_equal_transformers(server, hf_model, tokenizer, sampling):
+def test_sampled_token_logprobs_equal_transformers(float32_server, hf_model, tokenizer, sampling):
     """The raw model's numbers whatever the sampling settings: top_k and temperature change what is
     drawn, not what is reported."""
+    server = float32_server
     prompt = tokenizer.encode("The three primary colours are")
     lp = _post(server, "/v1/completions", prompt=prompt, max_tokens=8, logprobs=3, ignore_eos=True,
                **sampling)["choices"][0]["logprobs"]
@@ -93,7 +94,8 @@ def test_sampled_token_logprobs_equal_transformers(server, hf_model, tokenizer, 
 
 
 @pytest.mark.parametrize("logprobs", [1, True])
-def test_echo_scores_the_prompt_like_transformers(server, hf_model, tokenizer, logprobs):
+def test_echo_scores_the_prompt_like_transformers(float32_server, hf_model, tokenizer, logprobs):
+    server = float32_server
     text = "Paris is the capital and largest city of France."
     ids = tokenizer.encode(text)
     resp = _post(server, "/v1/completions", prompt=text, echo=True, max_tokens=0, logprobs=logprobs, temperature=0)
@@ -105,9 +107,10 @@ def test_echo_scores_the_prompt_like_transformers(server, hf_model, tokenizer, l
     assert max(abs(v - ref[i, ids[i + 1]].item()) for i, v in enumerate(values[1:])) < TOL
 
 
-def test_lm_eval_loglikelihood(server, hf_model, tokenizer):
+def test_lm_eval_loglikelihood(float32_server, hf_model, tokenizer):
     """lm-eval's local-completions request, verbatim (token ids, echo, logprobs 1, max_tokens 1), and its
     parse: sum(token_logprobs[ctxlen:-1]) and is_greedy; also the older max_tokens 0 form."""
+    server = float32_server
     pairs = [("The capital of France is", " Paris"), ("Two plus two equals", " seven hundred")]
     contexts = [tokenizer.encode(c) for c, _ in pairs]
     prompts = [c + tokenizer.encode(x) for c, (_, x) in zip(contexts, pairs, strict=True)]

@@ -118,7 +118,7 @@ PARSE_CASES = [
     (Person, "Describe a person called Ada who is 36."),
     (Customer, "Make up a customer with a postal address."),
     (ShoppingList, "List up to three things to buy for a picnic, one word each."),
-    (Scores, "Give me a few test scores."),
+    (Scores, "Give me three test scores out of 100."),
     (Ticket, "File a support ticket: the login page is down."),
     (Paint, "Which paint colour should I use for my kitchen, and how many coats?"),
     (Reading, "Report the weather: 21.5 degrees and 40% humidity."),

@@ -1,0 +1,134 @@
+"""The bundled model with its weights packed (the CPU default) against the same GGUF dequantized to float32.
+
+The packed path rounds every projection's input to 8 bits per 32 values, as llama.cpp does; that
+rounding, not the kernels (exact per product: test_kernels.py), is the whole of its error. Through
+30 layers a rounding step that lands the other way grows, so the bound is statistical: the packed
+logits are as far from float32 as a float32 model that applies the same rounding is (measured on 300
+tokens: mean |error| 0.165 vs 0.160, max 1.75 vs 1.56, logit std 6.4). Perplexity stays within 1 %,
+greedy choices agree, and decoding is batch invariant bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ember.engine.config import EngineConfig
+from ember.engine.engine import LLMEngine
+from ember.engine.request import SamplingParams
+from ember.engine.runner import ModelRunner
+from ember.models.attention import AttentionMetadata
+from ember.models.linear import DenseLinear
+from ember.models.llama import LlamaModel
+from ember.models.loader import default_model_path, load_model
+
+CPU = torch.device("cpu")
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based ink and a screw press adapted from wine making. Within "
+        "fifty years printers worked in more than two hundred cities, and the price of books fell so far "
+        "that reading spread from monasteries and universities to merchants and craftsmen. ") * 3
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Explain photosynthesis in one sentence.", "Who wrote Hamlet?", "Translate 'good morning' to Spanish.",
+           "What is 12 times 12?", "Name a famous painting."]
+
+
+def q8_round(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation rounding: per 32 values, d = amax / 127, x -> d * round-half-even(x / d)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, 1), 0)
+    return (torch.round(blocks * inv) * d).reshape(x.shape)
+
+
+class Q8RoundedLinear(DenseLinear):
+    def __call__(self, x, residual=None):
+        return super().__call__(q8_round(x), residual)
+
+
+@pytest.fixture(scope="module")
+def models():
+    packed, tokenizer = load_model(None, torch.float32, packed=True)
+    dense, _ = load_model(None, torch.float32, packed=False)
+    quantized = LlamaModel(packed.config, packed.tensors, CPU, torch.float32)
+    float32 = LlamaModel(dense.config, dense.tensors, CPU, torch.float32)
+    reference = LlamaModel(dense.config, dense.tensors, CPU, torch.float32)
+    for layer in reference.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            lin = getattr(layer, name)
+            setattr(layer, name, Q8RoundedLinear(lin.weight, lin.bias))
+    reference.lm_head = Q8RoundedLinear(reference.lm_head.weight, None)
+    return quantized, float32, reference, tokenizer
+
+
+def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prefill."""
+    n, bs = len(ids), 16
+    blocks = -(-n // bs)
+    runner = ModelRunner(model, blocks, bs)
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decodes=0, decode_blocks=None, decode_lengths=None,
+                             decode_mask=None, prefills=[(0, n, n, torch.arange(blocks))])
+    return model.logits(model.forward(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta))
+
+
+def test_weights_stay_the_size_of_the_file(models):
+    quantized, float32, _, _ = models
+    size = default_model_path().stat().st_size
+    assert 0.9 * size <= quantized.weight_bytes <= size  # the file also holds the tokenizer and norms
+    assert float32.weight_bytes > 5 * size
+
+
+def test_logits_are_the_float32_model_with_8_bit_activations(models):
+    quantized, float32, reference, tokenizer = models
+    ids = tokenizer.encode(TEXT)[:300]
+    lq, lf, lr = prompt_logits(quantized, ids), prompt_logits(float32, ids), prompt_logits(reference, ids)
+    error, rounding = (lq - lf).abs(), (lr - lf).abs()
+    assert error.mean() <= 1.15 * rounding.mean()
+    assert error.max() <= 1.5 * rounding.max()
+    assert rounding.mean() < 0.05 * lf.std()  # and that rounding is small
+
+
+def test_perplexity_within_one_percent_and_greedy_choices_agree(models):
+    quantized, float32, _, tokenizer = models
+    ids = tokenizer.encode(TEXT)[:300]
+    lq, lf = prompt_logits(quantized, ids), prompt_logits(float32, ids)
+    target = torch.tensor(ids[1:])
+
+    def perplexity(logits):
+        return math.exp(torch.nn.functional.cross_entropy(logits[:-1], target).item())
+
+    assert abs(perplexity(lq) / perplexity(lf) - 1) < 0.01  # measured 0.03 %
+    same = lq.argmax(-1) == lf.argmax(-1)
+    assert same.float().mean() >= 0.93  # measured 96 %
+    top2 = lf.topk(2).values
+    assert same[top2[:, 0] - top2[:, 1] > 0.5].all()  # every choice float32 does not call a near tie
+
+
+def generate(weights: str, prompts: list[list[int]], together: bool) -> list[list[int]]:
+    packed = weights == "quantized"
+    loaded, _ = load_model(None, torch.float32, packed=packed)
+    engine = LLMEngine(EngineConfig(weights=weights), loaded, [])
+    outputs: dict[str, list[int]] = {}
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+        while not together and engine.has_work():
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    return [outputs[str(i)] for i in range(len(prompts))]
+
+
+def test_greedy_generation_matches_float32_on_most_prompts(models):
+    tokenizer = models[3]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [tokenizer.encode(chat, add_special_tokens=False) for chat in chats]
+    quantized = generate("quantized", prompts, together=True)
+    assert quantized == generate("quantized", prompts, together=False)  # batch invariant, bit for bit
+    # measured: 5 of 8 identical for all 24 tokens; the other 3 part at the first token, where float32's
+    # top two are within 0.12 logits (a tie the 8-bit rounding may break either way, as in llama.cpp)
+    same = sum(q == f for q, f in zip(quantized, generate("float32", prompts, together=True), strict=True))
+    assert same >= 4, f"greedy output identical on only {same} of {len(prompts)} prompts"
