@@ -1,51 +1,69 @@
 #!/usr/bin/env bash
-# The standard matrix against Ember (:8000) and llama-cpp-python (:8001), both already running on
-# the same GGUF and nothing else loading the machine. Results go to benchmarks/results/*.json, then
-# the comparison table is printed (and saved as benchmarks/results/table.md).
-#   usage: benchmarks/run_all.sh [EMBER_URL] [LLAMACPP_URL]
-#   env:   N1 / N16 / NPREFILL requests for the c=1 / c=16 / prefill runs (default 8 / 48 / 6);
-#          ONLY=ember or ONLY=llamacpp runs one server's half.
+# The standard matrix, Ember against llama.cpp's llama-server (-np 16, continuous batching) on the same
+# GGUF, one server at a time on a quiet machine: each is started here, measured, then stopped. Runs
+# c=1 and c=16 streams (~100-token prompts, 64 tokens out, EOS ignored) and a ~512-token prefill,
+# records each server's peak RSS, then llama-bench's raw prefill/decode. JSON and table.md land in
+# benchmarks/results/ (git-ignored).
+#   usage: benchmarks/run_all.sh
+#   env:   GGUF (default: the bundled model), N1 / N16 / NPREFILL requests (8 / 48 / 6),
+#          ONLY=ember or ONLY=llamacpp, EMBER_ARGS (extra `ember serve` flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EMBER="${1:-http://127.0.0.1:8000/v1}"
-LLAMA="${2:-http://127.0.0.1:8001/v1}"
 N1="${N1:-8}" N16="${N16:-48}" NPREFILL="${NPREFILL:-6}" ONLY="${ONLY:-}"
 OUT=benchmarks/results
 mkdir -p "$OUT"
 B=(.venv/bin/python -m ember.bench)
-EOS=2  # <|im_end|>: llama-cpp-python has no ignore_eos, so its EOS logit is biased to -100 instead
+GGUF="${GGUF:-$(.venv/bin/python -c "from ember.models.loader import default_model_path; print(default_model_path())")}"
+BIN=$(benchmarks/llamacpp_server.sh --build-only)
 
-# name, base URL, how it is kept from stopping early
-servers=()
-[ "$ONLY" != llamacpp ] && servers+=("ember|$EMBER|--ignore-eos")
-[ "$ONLY" != ember ] && servers+=("llamacpp|$LLAMA|--eos-bias $EOS")
-
-for s in "${servers[@]}"; do
-  IFS='|' read -r name url eos <<< "$s"
-  if ! curl -sf "$url/models" > /dev/null; then
-    echo "$name is not answering at $url/models" >&2
-    exit 1
-  fi
-done
-
-files=()
-for c in 1 16; do
-  n=$(( c == 1 ? N1 : N16 ))
-  for s in "${servers[@]}"; do
-    IFS='|' read -r name url eos <<< "$s"
-    # shellcheck disable=SC2086  # $eos is two words on purpose
-    "${B[@]}" --base-url "$url" --label "$name c=$c" --concurrency "$c" --num-requests "$n" \
-      --prompt-tokens 100 --max-tokens 64 $eos --warmup 2 --json-out "$OUT/$name-c$c.json"
-    files+=("$OUT/$name-c$c.json")
+wait_up() {  # url pid
+  for _ in $(seq 1 600); do
+    curl -sf "$1/health" > /dev/null && return 0
+    kill -0 "$2" 2> /dev/null || { echo "server exited" >&2; return 1; }
+    sleep 0.5
   done
-done
-# prefill: a ~512-token prompt, one output token, one request at a time: prefill tok/s = prompt / TTFT
-for s in "${servers[@]}"; do
-  IFS='|' read -r name url eos <<< "$s"
-  "${B[@]}" --base-url "$url" --label "$name prefill-512" --concurrency 1 --num-requests "$NPREFILL" \
-    --prompt-tokens 512 --max-tokens 1 --warmup 1 --json-out "$OUT/$name-prefill.json"
-  files+=("$OUT/$name-prefill.json")
-done
+  echo "no answer from $1" >&2
+  return 1
+}
 
-echo
-"${B[@]}" --compare "${files[@]}" | tee "$OUT/table.md"
+measure() {  # name url pid
+  local name=$1 url=$2 pid=$3
+  for c in 1 16; do
+    n=$(( c == 1 ? N1 : N16 ))
+    "${B[@]}" --base-url "$url/v1" --label "$name c=$c" --concurrency "$c" --num-requests "$n" \
+      --prompt-tokens 100 --max-tokens 64 --ignore-eos --warmup 2 --json-out "$OUT/$name-c$c.json"
+  done
+  # prefill: a ~512-token prompt, one output token, one request at a time: prefill tok/s = prompt / TTFT
+  "${B[@]}" --base-url "$url/v1" --label "$name prefill-512" --concurrency 1 --num-requests "$NPREFILL" \
+    --prompt-tokens 512 --max-tokens 1 --warmup 1 --json-out "$OUT/$name-prefill.json"
+  echo "$name $(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")" >> "$OUT/rss.txt"
+  kill "$pid"
+  wait "$pid" 2> /dev/null || true
+}
+
+: > "$OUT/rss.txt"
+files=()
+if [ "$ONLY" != llamacpp ]; then
+  # shellcheck disable=SC2086  # EMBER_ARGS is a list of flags
+  .venv/bin/ember serve --port 8000 --model "$GGUF" ${EMBER_ARGS:-} > "$OUT/ember-serve.log" 2>&1 &
+  wait_up http://127.0.0.1:8000 $!
+  measure ember http://127.0.0.1:8000 $!
+  files+=("$OUT"/ember-c1.json "$OUT"/ember-c16.json "$OUT"/ember-prefill.json)
+fi
+if [ "$ONLY" != ember ]; then
+  GGUF="$GGUF" benchmarks/llamacpp_server.sh 8001 > "$OUT/llamacpp-serve.log" 2>&1 &
+  wait_up http://127.0.0.1:8001 $!
+  measure llamacpp http://127.0.0.1:8001 $!
+  files+=("$OUT"/llamacpp-c1.json "$OUT"/llamacpp-c16.json "$OUT"/llamacpp-prefill.json)
+  "$BIN/llama-bench" -m "$GGUF" -p 512 -n 64 -t "$(nproc)" -o md > "$OUT/llama-bench.md"
+fi
+
+{
+  "${B[@]}" --compare "${files[@]}"
+  echo
+  echo "peak RSS (MB): $(tr '\n' ' ' < "$OUT/rss.txt")"
+  echo
+  [ -f "$OUT/llama-bench.md" ] && cat "$OUT/llama-bench.md"
+  echo
+  echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; GGUF: $(basename "$GGUF")"
+} | tee "$OUT/table.md"

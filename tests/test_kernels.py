@@ -20,13 +20,13 @@ from tests.helpers_gguf import random_blocks
 Q = GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 ISAS = [name for name in cpu.ISA_LEVELS if cpu.select_isa(name) == name]
-cpu.select_isa("avx-vnni")
+cpu.select_isa("avx512-vnni")
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     yield cpu.select_isa(request.param)
-    cpu.select_isa("avx-vnni")
+    cpu.select_isa("avx512-vnni")
 
 
 def quantize_q8(x: np.ndarray) -> np.ndarray:
@@ -111,11 +111,13 @@ def test_isa_reported():
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_rows_do_not_depend_on_the_batch(isa, qtype):
-    """A row's product is bit-identical alone, in a batch of 3 (one-row kernel) or 13 (8-row kernel)."""
-    raw, _, x = case(qtype, 37, 512, 13, seed=int(qtype))
+    """A row's product is bit-identical alone, in a batch of 3 (one-row kernel), 13 (8-row kernel) or
+    37 (16-row kernel, where the CPU has AVX-512)."""
+    raw, _, x = case(qtype, 37, 512, 37, seed=int(qtype))
     args = (int(qtype), torch.from_numpy(raw), 512)
     xt = torch.from_numpy(x)
     together = cpu.qmatmul(xt, *args)
-    for i in range(13):
+    for i in range(37):
         assert torch.equal(cpu.qmatmul(xt[i:i + 1], *args), together[i:i + 1]), (isa, i)
     assert torch.equal(cpu.qmatmul(xt[4:7], *args), together[4:7])
+    assert torch.equal(cpu.qmatmul(xt[20:33], *args), together[20:33])

@@ -5,6 +5,8 @@
  * Every 32-value weight block reduces to a vector q of 32 unsigned bytes (UNPACK_*), a scale dw on
  * its integer dot with the activation bytes, and a coefficient cw on the activation block's sum d*sum
  * (the format's offset or minimum). Q8_0 is signed: SIGNED_Q8 says how a copy handles it.
+ * The UNPACK_* macros stay defined for the kernels included after this file (ember_kernels.c
+ * undefines them after each copy).
  */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)

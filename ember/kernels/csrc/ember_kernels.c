@@ -41,6 +41,11 @@ typedef struct {
     int8_t qs[256];  /* bytes 4t..4t+3 of rows 0..7, then 4t+4.. (see gemm_x86.h) */
 } block_q8x8;        /* one block of 8 activation rows, interleaved */
 
+typedef struct {
+    float d[16], s[16], s_lo[16];
+    int8_t qs[512];  /* bytes 4t..4t+3 of rows 0..15, then 4t+4.. (see gemm_avx512.h) */
+} block_q8x16;       /* the same for 16 rows (AVX-512) */
+
 static float f16_table[65536];
 
 static float half_to_float(uint16_t h) {
@@ -299,6 +304,23 @@ static float dot_portable(int type, const uint8_t *w, const block_q8 *x, int64_t
 typedef void (*gemm8_fn)(int type, const uint8_t *w, const block_q8x8 *x, int64_t nb, float *out);
 /* out[0..7] = <weight row w[r], activation row x> */
 typedef void (*gemv8_fn)(int type, const uint8_t *const *w, const block_q8 *x, int64_t nb, float *out);
+/* out[0..15] = <weight row, activation row r> for the 16 interleaved rows of x */
+typedef void (*gemm16_fn)(int type, const uint8_t *w, const block_q8x16 *x, int64_t nb, float *out);
+
+/* 16 rows of activation blocks (fewer at the end: the rest zero) interleaved for gemm16 */
+static void pack_q8x16(const block_q8 *x, int64_t rows, int64_t nb, block_q8x16 *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        block_q8x16 *o = out + b;
+        memset(o, 0, sizeof *o);
+        for (int64_t r = 0; r < rows; r++) {
+            const block_q8 *src = x + r * nb + b;
+            o->d[r] = src->d;
+            o->s[r] = src->s;
+            o->s_lo[r] = src->s_lo;
+            for (int t = 0; t < 8; t++) memcpy(o->qs + 64 * t + 4 * r, src->qs + 4 * t, 4);
+        }
+    }
+}
 
 /* 8 rows of activation blocks (fewer at the end of a batch: the rest zero) interleaved for gemm8 */
 static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *out) {
@@ -315,7 +337,7 @@ static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *o
     }
 }
 
-/* ---- dot products, x86 (AVX2 + FMA, and the same with AVX-VNNI) -------------------------------- */
+/* ---- dot products, x86: AVX2 + FMA; with AVX-VNNI; with AVX-512 VNNI (+ 16-row gemm) ----------- */
 #ifdef EMBER_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -325,10 +347,7 @@ static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *o
 #define SUFFIX _avx2
 #include "dot_x86.h"
 #include "gemm_x86.h"
-#undef DOT_US
-#undef DOT4
-#undef SIGNED_Q8
-#undef SUFFIX
+#include "undef_x86.h"
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -339,10 +358,19 @@ static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *o
 #define SUFFIX _avxvnni
 #include "dot_x86.h"
 #include "gemm_x86.h"
-#undef DOT_US
-#undef DOT4
-#undef SIGNED_Q8
-#undef SUFFIX
+#include "undef_x86.h"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+#define DOT4(acc, w, y) _mm256_dpbusd_epi32(acc, w, y)
+#define SIGNED_Q8 0
+#define SUFFIX _avx512
+#include "dot_x86.h"
+#include "gemm_x86.h"
+#include "gemm_avx512.h"
+#include "undef_x86.h"
 #pragma GCC pop_options
 #endif
 
@@ -458,13 +486,15 @@ int ember_num_threads(void) { return pool.n_workers + 1; }
 /* the x86 kernels, NULL on the portable path */
 static gemm8_fn best_gemm8 = NULL;
 static gemv8_fn best_gemv8 = NULL;
+static gemm16_fn best_gemm16 = NULL;  /* AVX-512 only */
 static const char *isa_name = "portable";
 
-/* 0 portable, 1 avx2, 2 avx-vnni: the best the CPU supports up to `max_level`. */
+/* 0 portable, 1 avx2, 2 avx-vnni, 3 avx512-vnni: the best the CPU supports up to `max_level`. */
 int ember_init(int max_level) {
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
     best_gemm8 = NULL;
     best_gemv8 = NULL;
+    best_gemm16 = NULL;
     isa_name = "portable";
 #ifdef EMBER_X86
     __builtin_cpu_init();
@@ -472,7 +502,14 @@ int ember_init(int max_level) {
     unsigned a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
     int avxvnni = avx2 && (a & (1u << 4));  /* CPUID.(EAX=7,ECX=1):EAX[4] */
-    if (max_level >= 2 && avxvnni) {
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    if (max_level >= 3 && avx512) {
+        best_gemm8 = gemm8_row_avx512;
+        best_gemv8 = gemv8_avx512;
+        best_gemm16 = gemm16_row_avx512;
+        isa_name = "avx512-vnni";
+    } else if (max_level >= 2 && avxvnni) {
         best_gemm8 = gemm8_row_avxvnni;
         best_gemv8 = gemv8_avxvnni;
         isa_name = "avx-vnni";
@@ -498,6 +535,7 @@ typedef struct {
     int64_t row_bytes, n_out, k, m, rows_per_chunk, ldy;
     const block_q8 *x;
     const block_q8x8 *x8;  /* the same rows interleaved in groups of 8, when gemm8 runs */
+    const block_q8x16 *x16;  /* or in groups of 16, when gemm16 runs */
     float *y;
     const float *bias;
     int accumulate;        /* y += instead of y = */
@@ -513,11 +551,19 @@ static void matmul_chunk(void *ctx, int64_t chunk) {
     int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
     if (r1 > j->n_out) r1 = j->n_out;
     int64_t nb = j->k / 32;
-    float part[8];
+    float part[16];
     if (!best_gemv8) {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t i = 0; i < j->m; i++)
                 store_out(j, i, r, dot_portable(j->type, j->w + r * j->row_bytes, j->x + i * nb, nb));
+        return;
+    }
+    if (j->x16) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < j->m; i += 16) {
+                best_gemm16(j->type, j->w + r * j->row_bytes, j->x16 + (i / 16) * nb, nb, part);
+                for (int t = 0; t < 16 && i + t < j->m; t++) store_out(j, i + t, r, part[t]);
+            }
         return;
     }
     if (j->x8) {
@@ -552,11 +598,12 @@ static void quant_chunk(void *ctx, int64_t row) {
 /* The calling thread's buffer for quantized activations, grown as needed (one per engine thread). */
 static _Thread_local block_q8 *q8_buf;
 static _Thread_local int64_t q8_cap;
-static _Thread_local block_q8x8 *q8x8_buf;
-static _Thread_local int64_t q8x8_cap;
+static _Thread_local void *packed_buf;  /* block_q8x8 or block_q8x16 groups */
+static _Thread_local size_t packed_cap;
 
-/* from this many activation rows on, the 8-row interleaved kernel runs */
+/* from this many activation rows on, the 8-row interleaved kernel runs, and from 16 the 16-row one */
 #define GEMM8_MIN_ROWS 4
+#define GEMM16_MIN_ROWS 16
 
 /* y[m, n_out] (row stride ldy) (+)= x[m, k] (row stride ldx) @ W^T (+ bias), W being n_out rows of packed
  * blocks; `accumulate` adds to y (a residual) instead of overwriting it. Returns 0, -1 for a type or
@@ -574,23 +621,30 @@ int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, 
     quant_job qj = {x, k, ldx, xq};
     if (m * k >= 16384) parallel_for(quant_chunk, &qj, m);
     else for (int64_t i = 0; i < m; i++) quant_chunk(&qj, i);
-    int64_t nb = k / 32, groups = (m + 7) / 8;
+    int64_t nb = k / 32;
+    int wide = best_gemm16 && m >= GEMM16_MIN_ROWS, group = wide ? 16 : 8, groups = (m + group - 1) / group;
     block_q8x8 *x8 = NULL;
+    block_q8x16 *x16 = NULL;
     if (best_gemm8 && m >= GEMM8_MIN_ROWS) {
-        if (groups * nb > q8x8_cap) {
-            block_q8x8 *grown = realloc(q8x8_buf, (size_t)(groups * nb) * sizeof(block_q8x8));
+        size_t need = (size_t)(groups * nb) * (wide ? sizeof(block_q8x16) : sizeof(block_q8x8));
+        if (need > packed_cap) {
+            void *grown = realloc(packed_buf, need);
             if (!grown) return -2;
-            q8x8_buf = grown;
-            q8x8_cap = groups * nb;
+            packed_buf = grown;
+            packed_cap = need;
         }
-        x8 = q8x8_buf;
-        for (int64_t g = 0; g < groups; g++)
-            pack_q8x8(xq + 8 * g * nb, m - 8 * g < 8 ? m - 8 * g : 8, nb, x8 + g * nb);
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t rows = m - group * g < group ? m - group * g : group;
+            if (wide) pack_q8x16(xq + group * g * nb, rows, nb, (block_q8x16 *)packed_buf + g * nb);
+            else pack_q8x8(xq + group * g * nb, rows, nb, (block_q8x8 *)packed_buf + g * nb);
+        }
+        if (wide) x16 = packed_buf;
+        else x8 = packed_buf;
     }
     /* enough chunks to balance 1-4 threads, each at least a few rows of one weight stream */
     int64_t threads = pool.n_workers + 1, per = (n_out / (threads * 8) + 7) / 8 * 8;  /* gemv8 takes 8 rows */
     if (per < 8) per = 8;
-    matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, x8, y, bias, accumulate};
+    matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, x8, x16, y, bias, accumulate};
     parallel_for(matmul_chunk, &mj, (n_out + per - 1) / per);
     return 0;
 }

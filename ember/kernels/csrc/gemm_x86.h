@@ -230,11 +230,6 @@ static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64
 #undef GEMM8_LOOP32
 #undef GEMV8_LOOP32
 #undef HAS_CW
-#undef UNPACK_Q8_0
-#undef UNPACK_Q4_0
-#undef UNPACK_Q4_1
-#undef UNPACK_Q5_0
-#undef UNPACK_Q5_1
 #undef F
 #undef CAT
 #undef CAT_
