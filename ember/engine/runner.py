@@ -17,8 +17,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         cfg, device = model.config, model.device
-        # decodes read the cache in place with the C kernel where it applies (CPU, float32, kernels built)
-        self.cpu_decode_kernel = device.type == "cpu" and model.dtype == torch.float32 and cpu_kernels.available()
+        # attention reads the cache in place with the C kernel where it applies (CPU, float32, kernels built)
+        self.cpu_attention = device.type == "cpu" and model.dtype == torch.float32 and cpu_kernels.available()
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device),
@@ -41,8 +41,8 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[torch.Tensor] = []
-        decode_blocks: list[torch.Tensor] = []
-        decode_lengths: list[int] = []
+        seq_blocks: list[torch.Tensor] = []
+        rows_per_seq: list[int] = []
         prefills: list[tuple[int, int, int, torch.Tensor]] = []
         logit_rows: list[int] = []
         for item in batch:
@@ -51,28 +51,30 @@ class ModelRunner:
             blocks = torch.tensor(seq.block_table[:-(-end // bs)], dtype=torch.long)
             offsets = torch.arange(start, end)
             slots.append(blocks[offsets // bs] * bs + offsets % bs)
-            if item.num_new_tokens == 1:
-                assert not prefills, "decodes must precede prefill chunks in a scheduled batch"
-                decode_blocks.append(blocks)
-                decode_lengths.append(end)
-            else:
+            seq_blocks.append(blocks)
+            rows_per_seq.append(item.num_new_tokens)
+            if item.num_new_tokens > 1:
                 prefills.append((len(input_ids), item.num_new_tokens, end, blocks.to(device)))
+            else:
+                assert not prefills, "decodes must precede prefill chunks in a scheduled batch"
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             logit_rows.extend(range(len(input_ids) - item.num_logit_rows, len(input_ids)))
+        position_t = torch.tensor(positions, device=device)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(device),
-            num_decodes=len(decode_blocks), decode_blocks=None, decode_lengths=None, decode_mask=None,
+            seq_blocks=pad_sequence(seq_blocks, batch_first=True).to(device),
+            row_seq=torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(rows_per_seq)).to(device),
+            row_lengths=position_t + 1,
+            num_decodes=len(batch) - len(prefills),
             prefills=prefills,
+            kernel_threads=cpu_kernels.num_threads() if self.cpu_attention else None,
         )
-        if decode_blocks:
-            meta.decode_blocks = pad_sequence(decode_blocks, batch_first=True).to(device)
-            meta.decode_lengths = torch.tensor(decode_lengths, device=device)
-            if not self.cpu_decode_kernel:
-                width = meta.decode_blocks.shape[1] * bs
-                meta.decode_mask = (torch.arange(width, device=device) < meta.decode_lengths.unsqueeze(1))[
-                    :, None, None, :]
-        return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
+        if meta.num_decodes and not self.cpu_attention:
+            width = meta.seq_blocks.shape[1] * bs
+            lengths = meta.row_lengths[:meta.num_decodes]
+            meta.decode_mask = (torch.arange(width, device=device) < lengths.unsqueeze(1))[:, None, None, :]
+        return (torch.tensor(input_ids, device=device), position_t, meta,
                 torch.tensor(logit_rows, device=device, dtype=torch.long))
 
     def copy_block(self, source: int, destination: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ class KernelsUnavailable(RuntimeError):
     pass
 
 
-# The decode step's model description (ember_kernels.c: qweight, qlayer, qmodel); it holds raw pointers,
+# The one-call forward pass's model description (ember_kernels.c: qweight, qlayer, qmodel); it holds raw pointers,
 # so whoever builds one keeps the tensors alive.
 class QWeight(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int32), ("w", ctypes.c_void_p), ("row_bytes", ctypes.c_int64),
@@ -59,14 +61,15 @@ def _load() -> ctypes.CDLL:
     lib.ember_init.argtypes = [ctypes.c_int]
     lib.ember_isa.restype = ctypes.c_char_p
     lib.ember_set_num_threads.argtypes = [ctypes.c_int]
+    lib.ember_num_threads.restype = ctypes.c_int
     lib.ember_block_bytes.argtypes = lib.ember_block_elems.argtypes = [ctypes.c_int]
     lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ember_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
-    lib.ember_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
+    lib.ember_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
     lib.ember_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr]
     lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
-    lib.ember_decode_layers.argtypes = [ctypes.POINTER(QModel), ptr, i64, ptr, ptr, ptr, ptr, i64]
+    lib.ember_forward_layers.argtypes = [ctypes.POINTER(QModel), ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
     level = os.environ.get("EMBER_KERNEL_ISA", "avx512-vnni")
     if level not in ISA_LEVELS:
         raise ValueError(f"EMBER_KERNEL_ISA must be one of {sorted(ISA_LEVELS)}, not {level!r}")
@@ -108,6 +111,22 @@ def set_num_threads(n: int) -> int:
     return lib().ember_set_num_threads(n)
 
 
+def num_threads() -> int:
+    return lib().ember_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch with n threads for a stretch of its own heavy kernels (prefill SDPA), one otherwise:
+    its idle OpenMP threads spin and would take the cores from this pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def block_shape(ggml_type: int) -> tuple[int, int]:
     """(values, bytes) of one block of a packed type."""
     return lib().ember_block_elems(ggml_type), lib().ember_block_bytes(ggml_type)
@@ -144,21 +163,21 @@ def dequantize(ggml_type: int, packed: torch.Tensor, k: int, rows: torch.Tensor 
     return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
-    """Single-token decode attention read in place from the paged cache (no gather).
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_blocks: torch.Tensor,
+              row_seq: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
+    """Attention of query rows read in place from the paged cache (no gather): row i attends to the first
+    row_lengths[i] slots of sequence row_seq[i]'s blocks.
 
-    q [batch, heads, dim] float32; caches [blocks, block_size, kv_heads, dim]; block_tables int64
-    [batch, max blocks]; lengths int64 [batch] (context length, the new token included).
+    q [rows, heads, dim] float32; caches [blocks, block_size, kv_heads, dim]; seq_blocks int64
+    [sequences, max blocks]; row_seq and row_lengths int64 [rows].
     """
-    batch, heads, dim = q.shape
+    rows, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
-    out = torch.empty(batch, heads, dim)
-    lib().ember_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                 block_tables.data_ptr(),
-                                 lengths.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1],
-                                 block_tables.shape[1], dim ** -0.5, out.data_ptr())
+    out = torch.empty(rows, heads, dim)
+    lib().ember_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), seq_blocks.data_ptr(),
+                          row_seq.data_ptr(), row_lengths.data_ptr(), rows, heads, k_cache.shape[2], dim,
+                          k_cache.shape[1], seq_blocks.shape[1], dim ** -0.5, out.data_ptr())
     return out
 
 
@@ -193,11 +212,12 @@ def qweight(ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | N
                    None if bias is None else bias.data_ptr())
 
 
-def decode_layers(model: QModel, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                  block_tables: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Every decoder layer of `model` for single-token decodes, in one call; h [batch, hidden] in place."""
-    rc = lib().ember_decode_layers(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
-                                   slots.data_ptr(), block_tables.data_ptr(), lengths.data_ptr(),
-                                   block_tables.shape[1])
+def forward_layers(model: QModel, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   seq_blocks: torch.Tensor, row_seq: torch.Tensor, row_lengths: torch.Tensor) -> None:
+    """Every decoder layer of `model` for a batch of single-token decodes, in one call; h [rows, hidden]
+    in place. The rows' cache metadata is `attention`'s."""
+    rc = lib().ember_forward_layers(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
+                                    slots.data_ptr(), seq_blocks.data_ptr(), row_seq.data_ptr(), row_lengths.data_ptr(),
+                                    seq_blocks.shape[1])
     if rc:
-        raise RuntimeError(f"decode step failed ({rc})")
+        raise RuntimeError(f"forward pass failed ({rc})")

@@ -157,9 +157,9 @@ class LlamaModel:
         """Hidden states after the final norm, one row per input token."""
         n, q_size = input_ids.shape[0], self.config.num_heads * self.config.head_dim
         h = self.embed(input_ids)
-        if self.one_call_decode and meta.num_decodes == n:
-            cpu_kernels.decode_layers(self._describe(kv_caches), h, positions, meta.slot_mapping,
-                                      meta.decode_blocks, meta.decode_lengths)
+        if self.one_call_decode and meta.kernel_threads and meta.num_decodes == n:
+            cpu_kernels.forward_layers(self._describe(kv_caches), h, positions, meta.slot_mapping, meta.seq_blocks,
+                                       meta.row_seq, meta.row_lengths)
             return self._rms_norm(h, self.norm)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             q = self._rope_store(layer.qkv(self._rms_norm(h, layer.input_norm)), positions, k_cache, v_cache, meta)
