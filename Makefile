@@ -7,7 +7,9 @@ PORT ?= 8000
 
 .PHONY: setup serve test lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard ember/kernels/csrc/*)
+	@command -v cc > /dev/null || command -v gcc > /dev/null || command -v clang > /dev/null || { \
+	  echo "Ember compiles its CPU kernels at install: no C compiler found (apt-get install gcc)" >&2; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: it is the CPU wheel on this machine's disk; nothing may resolve another.
 	$(PY) -m pip install -q torch==2.13.0

@@ -18,7 +18,8 @@ class ModelRunner:
         self.block_size = block_size
         cfg, device = model.config, model.device
         # attention reads the cache in place with the C kernel where it applies (CPU, float32, kernels built)
-        self.cpu_attention = device.type == "cpu" and model.dtype == torch.float32 and cpu_kernels.available()
+        self.cpu_attention = (device.type == "cpu" and model.dtype == torch.float32 and cfg.head_dim <= 512
+                              and cpu_kernels.available())
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device),
@@ -53,7 +54,7 @@ class ModelRunner:
             slots.append(blocks[offsets // bs] * bs + offsets % bs)
             seq_blocks.append(blocks)
             rows_per_seq.append(item.num_new_tokens)
-            if item.num_new_tokens > 1:
+            if item.num_new_tokens > 1 and not self.cpu_attention:
                 prefills.append((len(input_ids), item.num_new_tokens, end, blocks.to(device)))
             else:
                 assert not prefills, "decodes must precede prefill chunks in a scheduled batch"
@@ -68,7 +69,7 @@ class ModelRunner:
             row_lengths=position_t + 1,
             num_decodes=len(batch) - len(prefills),
             prefills=prefills,
-            kernel_threads=cpu_kernels.num_threads() if self.cpu_attention else None,
+            kernel=self.cpu_attention,
         )
         if meta.num_decodes and not self.cpu_attention:
             width = meta.seq_blocks.shape[1] * bs

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,7 +59,6 @@ def _load() -> ctypes.CDLL:
     lib.ember_init.argtypes = [ctypes.c_int]
     lib.ember_isa.restype = ctypes.c_char_p
     lib.ember_set_num_threads.argtypes = [ctypes.c_int]
-    lib.ember_num_threads.restype = ctypes.c_int
     lib.ember_block_bytes.argtypes = lib.ember_block_elems.argtypes = [ctypes.c_int]
     lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ember_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
@@ -111,22 +108,6 @@ def set_num_threads(n: int) -> int:
     return lib().ember_set_num_threads(n)
 
 
-def num_threads() -> int:
-    return lib().ember_num_threads()
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch with n threads for a stretch of its own heavy kernels (prefill SDPA), one otherwise:
-    its idle OpenMP threads spin and would take the cores from this pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def block_shape(ggml_type: int) -> tuple[int, int]:
     """(values, bytes) of one block of a packed type."""
     return lib().ember_block_elems(ggml_type), lib().ember_block_bytes(ggml_type)
@@ -165,8 +146,8 @@ def dequantize(ggml_type: int, packed: torch.Tensor, k: int, rows: torch.Tensor 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_blocks: torch.Tensor,
               row_seq: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
-    """Attention of query rows read in place from the paged cache (no gather): row i attends to the first
-    row_lengths[i] slots of sequence row_seq[i]'s blocks.
+    """Attention of every query row read in place from the paged cache (no gather): row i attends to the
+    first row_lengths[i] slots of sequence row_seq[i]'s blocks (causal for a prefill chunk's rows).
 
     q [rows, heads, dim] float32; caches [blocks, block_size, kv_heads, dim]; seq_blocks int64
     [sequences, max blocks]; row_seq and row_lengths int64 [rows].
@@ -214,8 +195,8 @@ def qweight(ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | N
 
 def forward_layers(model: QModel, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                    seq_blocks: torch.Tensor, row_seq: torch.Tensor, row_lengths: torch.Tensor) -> None:
-    """Every decoder layer of `model` for a batch of single-token decodes, in one call; h [rows, hidden]
-    in place. The rows' cache metadata is `attention`'s."""
+    """Every decoder layer of `model` for a batch of tokens, in one call; h [rows, hidden] in place.
+    The rows' cache metadata is `attention`'s."""
     rc = lib().ember_forward_layers(ctypes.byref(model), h.data_ptr(), h.shape[0], positions.data_ptr(),
                                     slots.data_ptr(), seq_blocks.data_ptr(), row_seq.data_ptr(), row_lengths.data_ptr(),
                                     seq_blocks.shape[1])

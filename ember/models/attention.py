@@ -1,10 +1,11 @@
 """Attention over the paged KV cache, behind one function.
 
-The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`. Decodes lead the batch.
-On a CPU in float32 they run Ember's C kernel, which reads each sequence's blocks in place; elsewhere
-(CUDA, other dtypes) they gather whole blocks with `index_select` into one padded SDPA call. Prefill
-chunks gather their context and run SDPA, whose flash kernel tiles the queries (on the CPU with the
-kernel pool's thread count, torch otherwise running on one thread beside it).
+The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`. On a CPU in float32
+every query row, decode or prefill, runs Ember's C kernel, which reads its sequence's blocks in place
+with one arithmetic for all rows: how the scheduler chunked, batched or prefix-cached a prompt never
+changes a token's attention (SDPA's causal and masked paths round differently, which flipped greedy
+near-ties). Elsewhere (CUDA, other dtypes) decodes gather whole blocks with `index_select` into one
+padded SDPA call and prefill chunks gather their context for SDPA's flash kernels.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from ember.kernels import cpu as cpu_kernels
 class AttentionMetadata:
     """Where this step's tokens go in the cache and which blocks each query may read.
 
-    The first `num_decodes` rows are single-token decodes of sequences 0..num_decodes-1 (rows of
-    seq_blocks): row i attends to the first row_lengths[i] slots of row_seq[i]'s blocks. The prefill
-    chunks after them run one SDPA call per sequence.
+    Row i attends to the first row_lengths[i] slots of sequence row_seq[i]'s blocks (a row of
+    seq_blocks): the CPU kernel's whole input. For the SDPA path, the first `num_decodes` rows are
+    single-token decodes of sequences 0..num_decodes-1, and the prefill chunks after them run one
+    call per sequence.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot (block * block_size + offset) per new token
@@ -32,7 +34,7 @@ class AttentionMetadata:
     row_lengths: torch.Tensor  # [num_tokens] int64: its position + 1
     num_decodes: int
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (first row, query length, context length, blocks)
-    kernel_threads: int | None  # decodes through the CPU kernel; prefill SDPA with this many threads
+    kernel: bool  # every row through the CPU kernel
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size], True = attend
 
 
@@ -58,24 +60,14 @@ def paged_attention(
     """Attend each query to its sequence's cached context (causally)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     d = meta.num_decodes
-    if d and meta.kernel_threads:
-        out[:d] = cpu_kernels.attention(q[:d], k_cache, v_cache, meta.seq_blocks, meta.row_seq, meta.row_lengths)
-    elif d:
+    if meta.kernel:
+        return cpu_kernels.attention(q, k_cache, v_cache, meta.seq_blocks, meta.row_seq, meta.row_lengths)
+    if d:
         kd = _gather(k_cache, meta.seq_blocks[:d]).transpose(1, 2)  # [B, Hkv, L, D]
         vd = _gather(v_cache, meta.seq_blocks[:d]).transpose(1, 2)
         od = F.scaled_dot_product_attention(q[:d].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
                                             enable_gqa=True)
         out[:d] = od.squeeze(2)
-    if meta.prefills and meta.kernel_threads:
-        with cpu_kernels.torch_threads(meta.kernel_threads):
-            _prefill_attention(q, k_cache, v_cache, meta, out)
-    else:
-        _prefill_attention(q, k_cache, v_cache, meta, out)
-    return out
-
-
-def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                       out: torch.Tensor) -> None:
     for start, length, context, blocks in meta.prefills:
         qp = q[start:start + length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         kp = _gather(k_cache, blocks)[:context].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
@@ -87,3 +79,4 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             mask = torch.arange(context, device=q.device).unsqueeze(0) <= rows
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
         out[start:start + length] = op.squeeze(0).transpose(0, 1)
+    return out

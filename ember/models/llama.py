@@ -92,8 +92,8 @@ class LlamaModel:
         self.sin = freqs.sin().to(device)
         # CPU float32: the per-layer norms, rotary embedding, cache writes and activation as fused C calls
         self.fused = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
-        # and with every projection packed, a step of decodes runs all layers in one C call
-        self.one_call_decode = self.fused and all(
+        # and with every projection packed, a step runs all layers in one C call
+        self.one_call = self.fused and all(
             isinstance(lin, PackedLinear) for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                                                layer.down))
         self._step_model: tuple[list, cpu_kernels.QModel, object] | None = None
@@ -157,7 +157,7 @@ class LlamaModel:
         """Hidden states after the final norm, one row per input token."""
         n, q_size = input_ids.shape[0], self.config.num_heads * self.config.head_dim
         h = self.embed(input_ids)
-        if self.one_call_decode and meta.kernel_threads and meta.num_decodes == n:
+        if self.one_call and meta.kernel:
             cpu_kernels.forward_layers(self._describe(kv_caches), h, positions, meta.slot_mapping, meta.seq_blocks,
                                        meta.row_seq, meta.row_lengths)
             return self._rms_norm(h, self.norm)
