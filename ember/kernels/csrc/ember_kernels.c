@@ -304,8 +304,10 @@ static float dot_portable(int type, const uint8_t *w, const block_q8 *x, int64_t
 typedef void (*gemm8_fn)(int type, const uint8_t *w, const block_q8x8 *x, int64_t nb, float *out);
 /* out[0..7] = <weight row w[r], activation row x> */
 typedef void (*gemv8_fn)(int type, const uint8_t *const *w, const block_q8 *x, int64_t nb, float *out);
-/* out[16 g + r] = <weight row, activation row r of group g> for `groups` groups of 16 interleaved rows */
-typedef void (*gemm16_fn)(int type, const uint8_t *w, const block_q8x16 *x, int64_t nb, int64_t groups, float *out);
+/* out0/out1[16 g + r] = <weight row w0/w1, activation row r of group g> for `groups` groups of 16
+ * interleaved rows */
+typedef void (*gemm16_fn)(int type, const uint8_t *w0, const uint8_t *w1, const block_q8x16 *x, int64_t nb,
+                          int64_t groups, float *out0, float *out1);
 
 /* 16 rows of activation blocks (fewer at the end: the rest zero) interleaved for gemm16 */
 static void pack_q8x16(const block_q8 *x, int64_t rows, int64_t nb, block_q8x16 *out) {
@@ -562,12 +564,17 @@ static void matmul_chunk(void *ctx, int64_t chunk) {
         /* tiles of groups small enough to stay in L1 while the chunk's weight rows stream past them */
         int64_t groups = (j->m + 15) / 16, tile = (int64_t)(32768 / ((size_t)nb * sizeof(block_q8x16)));
         if (tile < 1) tile = 1;
-        float out[16 * tile];
+        float out[2][16 * tile];
         for (int64_t g0 = 0; g0 < groups; g0 += tile) {
             int64_t n = groups - g0 < tile ? groups - g0 : tile;
-            for (int64_t r = r0; r < r1; r++) {
-                best_gemm16(j->type, j->w + r * j->row_bytes, j->x16 + g0 * nb, nb, n, out);
-                for (int64_t i = 16 * g0; i < j->m && i < 16 * (g0 + n); i++) store_out(j, i, r, out[i - 16 * g0]);
+            for (int64_t r = r0; r < r1; r += 2) {  /* two weight rows at a time */
+                int64_t r2 = r + 1 < r1 ? r + 1 : r;
+                best_gemm16(j->type, j->w + r * j->row_bytes, j->w + r2 * j->row_bytes, j->x16 + g0 * nb, nb, n,
+                            out[0], out[1]);
+                for (int64_t i = 16 * g0; i < j->m && i < 16 * (g0 + n); i++) {
+                    store_out(j, i, r, out[0][i - 16 * g0]);
+                    if (r2 != r) store_out(j, i, r2, out[1][i - 16 * g0]);
+                }
             }
         }
         return;
