@@ -162,13 +162,15 @@ INLINE void F(lanes8)(const __m256i *p, const float *dw, const float *cw, int ha
         float dw[8], cw[8];                                                                                \
         for (int r = 0; r < 8; r++) {                                                                      \
             __m256i q;                                                                                     \
+            _mm_prefetch((const char *)(w[r] + (i + 16) * (BB)), _MM_HINT_T0);                             \
             UNPACK(w[r] + i * (BB), q, dw[r], cw[r]);                                                      \
             p[r] = F(dot_block)(q, type == T_Q8_0 && SIGNED_Q8, y);                                        \
         }                                                                                                  \
         F(lanes8)(p, dw, cw, HAS_CW(type), x[i].d, x[i].s, &acc);                                          \
     }
 
-/* out[r] = <weight row w[r], activation row x> for 8 weight rows */
+/* out[r] = <weight row w[r], activation row x> for 8 weight rows. The 8 rows are 8 streams through
+ * memory: prefetching each a few blocks ahead doubled the bandwidth measured on a DRAM-resident matrix. */
 static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64_t nb, float *out) {
     __m256 acc = _mm256_setzero_ps();
     switch (type) {
@@ -180,22 +182,43 @@ static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64
     case T_Q4_K:
     case T_Q5_K: {
         int q5 = type == T_Q5_K, bb = q5 ? 176 : 144;
-        for (int64_t i = 0; i < nb / 8; i++)
+        const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+        for (int64_t i = 0; i < nb / 8; i++) {
+            float dw[8][8], cw[8][8];  /* [sub-block][row]: each row's scales decoded once a super-block */
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *b = w[r] + i * bb;
+                _mm_prefetch((const char *)(b + 4 * bb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + 4 * bb + 64), _MM_HINT_T0);
+                float d = F(half)(b), dmin = F(half)(b + 2);
+                for (int jj = 0; jj < 8; jj++) {
+                    int sc, m;
+                    k_scale_min(jj, b + 4, &sc, &m);
+                    dw[jj][r] = d * (float)sc;
+                    cw[jj][r] = -dmin * (float)m;
+                }
+            }
             for (int j = 0; j < 8; j += 2) {
                 const block_q8 *x0 = x + 8 * i + j, *x1 = x0 + 1;
+                __m256i y0 = _mm256_loadu_si256((const __m256i *)x0->qs), y1 = _mm256_loadu_si256((const __m256i *)x1->qs);
                 __m256i plo[8], phi[8];
-                float dlo[8], dhi[8], clo[8], chi[8];
                 for (int r = 0; r < 8; r++) {
-                    __m256i lo, hi;
-                    float dw[2], cw[2];
-                    F(kquant_pair)(w[r] + i * bb, q5, j, &lo, &hi, dw, cw);
-                    plo[r] = F(dot_us)(lo, _mm256_loadu_si256((const __m256i *)x0->qs));
-                    phi[r] = F(dot_us)(hi, _mm256_loadu_si256((const __m256i *)x1->qs));
-                    dlo[r] = dw[0], dhi[r] = dw[1], clo[r] = cw[0], chi[r] = cw[1];
+                    const uint8_t *b = w[r] + i * bb;
+                    __m256i bits = _mm256_loadu_si256((const __m256i *)(b + (q5 ? 48 : 16) + 16 * j));
+                    __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                    if (q5) {
+                        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+                        __m256i h0 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), one);
+                        __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j + 1)), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    }
+                    plo[r] = F(dot_us)(lo, y0);
+                    phi[r] = F(dot_us)(hi, y1);
                 }
-                F(lanes8)(plo, dlo, clo, 1, x0->d, x0->s, &acc);
-                F(lanes8)(phi, dhi, chi, 1, x1->d, x1->s, &acc);
+                F(lanes8)(plo, dw[j], cw[j], 1, x0->d, x0->s, &acc);
+                F(lanes8)(phi, dw[j + 1], cw[j + 1], 1, x1->d, x1->s, &acc);
             }
+        }
         break;
     }
     case T_Q6_K: {
@@ -207,6 +230,8 @@ static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64
                     __m256i y = _mm256_loadu_si256((const __m256i *)xg->qs), plo[8], phi[8];
                     float d0[8], d1[8], o0[8], o1[8];
                     for (int r = 0; r < 8; r++) {
+                        if (g == 0) _mm_prefetch((const char *)(w[r] + (i + 4) * 210 + 128 * h), _MM_HINT_T0);
+                        if (g == 0) _mm_prefetch((const char *)(w[r] + (i + 4) * 210 + 128 * h + 64), _MM_HINT_T0);
                         __m256i p = F(dot_us)(F(q6k_group)(w[r] + i * 210, h, g, d0 + r, d1 + r), y);
                         plo[r] = _mm256_and_si256(p, low_half);
                         phi[r] = _mm256_andnot_si256(low_half, p);
