@@ -196,21 +196,40 @@ class StreamTimer:
         return r
 
 
-async def one_request(client: httpx.AsyncClient, config: BenchConfig, index: int,
-                      model: str) -> RequestResult:
-    """Send request `index` and time its stream."""
-    path, body = build_request(config, index, model)
-    timer = StreamTimer(time.perf_counter())
+class _StaleConnection(Exception):
+    """The server closed a kept-alive connection before answering (llama-server closes idle ones)."""
+
+
+async def _timed_stream(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    timer, answered = StreamTimer(time.perf_counter()), False
     try:
-        async with client.stream("POST", config.base_url.rstrip("/") + path, json=body) as resp:
+        async with client.stream("POST", url, json=body) as resp:
+            answered = True
             if resp.status_code != 200:
                 text = (await resp.aread())[:200].decode(errors="replace")
                 return RequestResult(error=f"HTTP {resp.status_code}: {text}")
             async for line in resp.aiter_lines():
                 timer.feed(line, time.perf_counter())
+    except httpx.RemoteProtocolError as exc:
+        if not answered:
+            raise _StaleConnection(str(exc)) from exc
+        return RequestResult(error=f"{type(exc).__name__}: {exc}"[:300])
     except (httpx.HTTPError, ValueError) as exc:
         return RequestResult(error=f"{type(exc).__name__}: {exc}"[:300])
     return timer.finish(time.perf_counter())
+
+
+async def one_request(client: httpx.AsyncClient, config: BenchConfig, index: int,
+                      model: str) -> RequestResult:
+    """Send request `index` and time its stream; sent once more if it met a stale connection."""
+    path, body = build_request(config, index, model)
+    url = config.base_url.rstrip("/") + path
+    for _ in range(2):
+        try:
+            return await _timed_stream(client, url, body)
+        except _StaleConnection as exc:
+            error = f"RemoteProtocolError: {exc}"[:300]
+    return RequestResult(error=error)
 
 
 async def probe_prompt_tokens(client: httpx.AsyncClient, config: BenchConfig, index: int, model: str) -> int:

@@ -195,6 +195,29 @@ def test_run_benchmark_counts_http_errors():
     assert s["requests_ok"] == 0 and s["requests_failed"] == 3 and s["errors"] == ["HTTP 503: overloaded"]
 
 
+def test_a_closed_keep_alive_connection_is_retried_once():
+    """llama-server closes idle kept-alive connections: a request that meets one before any answer is
+    sent again; a server that keeps dropping it still counts as a failure."""
+    inner, seen, calls = _fake_server(True, []), [], {"n": 0}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] % 2 == 0 and not request.url.path.endswith("/models"):
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        seen.append(request)
+        return inner.handler(request)
+
+    cfg = BenchConfig(base_url="http://fake/v1", model="m", num_requests=4, concurrency=1, warmup=0)
+    s = run_benchmark(cfg, transport=httpx.MockTransport(flaky))
+    assert s["requests_ok"] == 4 and s["requests_failed"] == 0 and len(seen) == 4
+
+    def dead(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    s = run_benchmark(cfg, transport=httpx.MockTransport(dead))
+    assert s["requests_failed"] == 4 and "RemoteProtocolError" in s["errors"][0]
+
+
 def test_compare_prints_saved_runs(tmp_path, capsys):
     paths = []
     for name in ("a", "b"):
