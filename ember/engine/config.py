@@ -13,7 +13,7 @@ class EngineConfig:
     # "quantized" keeps GGUF blocks packed (CPU kernels; "auto" on CPU); float32 / bfloat16 / float16
     # dequantize at load ("auto" on CUDA: bfloat16)
     weights: str = "auto"
-    threads: int | None = None  # CPU threads for torch and Ember's kernels; None = torch's default (the cores)
+    threads: int | None = None  # CPU threads (the kernel pool with quantized weights, else torch); None = the cores
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_mb: int = 512  # budget that sizes the number of KV blocks
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)

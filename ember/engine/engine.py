@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 from collections.abc import AsyncIterator
@@ -85,13 +86,13 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         placement = resolve_device(config)
         device, dtype = placement.device, placement.dtype
-        if config.threads:
-            torch.set_num_threads(config.threads)
         if placement.packed:
             # Ember's kernels do the heavy work on their own pool; torch's OpenMP threads would only spin
             # between its small ops and take the cores from that pool (measured: decode 1.3-1.6x slower)
-            cpu_kernels.set_num_threads(torch.get_num_threads())
+            cpu_kernels.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
             torch.set_num_threads(1)
+        elif config.threads:
+            torch.set_num_threads(config.threads)
         self.device = device
         self.model = LlamaModel(weights.config, weights.tensors, device, dtype)
         per_block = ModelRunner.kv_bytes_per_block(weights.config, config.block_size, dtype)

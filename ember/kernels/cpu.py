@@ -59,7 +59,6 @@ def _load() -> ctypes.CDLL:
     lib.ember_init.argtypes = [ctypes.c_int]
     lib.ember_isa.restype = ctypes.c_char_p
     lib.ember_set_num_threads.argtypes = [ctypes.c_int]
-    lib.ember_block_bytes.argtypes = lib.ember_block_elems.argtypes = [ctypes.c_int]
     lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ember_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.ember_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
@@ -106,11 +105,6 @@ def select_isa(name: str) -> str:
 
 def set_num_threads(n: int) -> int:
     return lib().ember_set_num_threads(n)
-
-
-def block_shape(ggml_type: int) -> tuple[int, int]:
-    """(values, bytes) of one block of a packed type."""
-    return lib().ember_block_elems(ggml_type), lib().ember_block_bytes(ggml_type)
 
 
 def qmatmul(x: torch.Tensor, ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | None = None,

@@ -309,32 +309,20 @@ typedef void (*gemv8_fn)(int type, const uint8_t *const *w, const block_q8 *x, i
 typedef void (*gemm16_fn)(int type, const uint8_t *w0, const uint8_t *w1, const block_q8x16 *x, int64_t nb,
                           int64_t groups, float *out0, float *out1);
 
-/* 16 rows of activation blocks (fewer at the end: the rest zero) interleaved for gemm16 */
-static void pack_q8x16(const block_q8 *x, int64_t rows, int64_t nb, block_q8x16 *out) {
+/* `group` (8 or 16) rows of activation blocks, fewer at the end of a batch (the rest zero), interleaved
+ * as block_q8x8 / block_q8x16: per block the rows' d, s and s_lo, then bytes 4t..4t+3 of every row. */
+static void pack_group(const block_q8 *x, int64_t rows, int64_t nb, int group, void *out) {
+    size_t bytes = group == 8 ? sizeof(block_q8x8) : sizeof(block_q8x16);
     for (int64_t b = 0; b < nb; b++) {
-        block_q8x16 *o = out + b;
-        memset(o, 0, sizeof *o);
+        float *d = (float *)((char *)out + b * bytes), *s = d + group, *s_lo = s + group;
+        int8_t *qs = (int8_t *)(s_lo + group);
+        memset(d, 0, bytes);
         for (int64_t r = 0; r < rows; r++) {
             const block_q8 *src = x + r * nb + b;
-            o->d[r] = src->d;
-            o->s[r] = src->s;
-            o->s_lo[r] = src->s_lo;
-            for (int t = 0; t < 8; t++) memcpy(o->qs + 64 * t + 4 * r, src->qs + 4 * t, 4);
-        }
-    }
-}
-
-/* 8 rows of activation blocks (fewer at the end of a batch: the rest zero) interleaved for gemm8 */
-static void pack_q8x8(const block_q8 *x, int64_t rows, int64_t nb, block_q8x8 *out) {
-    for (int64_t b = 0; b < nb; b++) {
-        block_q8x8 *o = out + b;
-        memset(o, 0, sizeof *o);
-        for (int64_t r = 0; r < rows; r++) {
-            const block_q8 *src = x + r * nb + b;
-            o->d[r] = src->d;
-            o->s[r] = src->s;
-            o->s_lo[r] = src->s_lo;
-            for (int t = 0; t < 8; t++) memcpy(o->qs + 32 * t + 4 * r, src->qs + 4 * t, 4);
+            d[r] = src->d;
+            s[r] = src->s;
+            s_lo[r] = src->s_lo;
+            for (int t = 0; t < 8; t++) memcpy(qs + 4 * group * t + 4 * r, src->qs + 4 * t, 4);
         }
     }
 }
@@ -528,8 +516,6 @@ int ember_init(int max_level) {
 
 const char *ember_isa(void) { return isa_name; }
 
-int ember_block_bytes(int type) { return block_bytes(type); }
-int ember_block_elems(int type) { return block_elems(type); }
 
 typedef struct {
     int type;
@@ -648,8 +634,8 @@ int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, 
         }
         for (int64_t g = 0; g < groups; g++) {
             int64_t rows = m - group * g < group ? m - group * g : group;
-            if (wide) pack_q8x16(xq + group * g * nb, rows, nb, (block_q8x16 *)packed_buf + g * nb);
-            else pack_q8x8(xq + group * g * nb, rows, nb, (block_q8x8 *)packed_buf + g * nb);
+            void *dst = wide ? (void *)((block_q8x16 *)packed_buf + g * nb) : (void *)((block_q8x8 *)packed_buf + g * nb);
+            pack_group(xq + group * g * nb, rows, nb, group, dst);
         }
         if (wide) x16 = packed_buf;
         else x8 = packed_buf;
