@@ -44,19 +44,57 @@ INLINE void F(kquant_pair)(const uint8_t *w, int q5, int j, __m256i *lo, __m256i
     cw[1] = -dmin * (float)m1;
 }
 
-/* Q6_K: the 32 unsigned 6-bit values of group g (0..3) in half h of super-block `w`, and the scales of
- * its two 16-value halves */
-INLINE __m256i F(q6k_group)(const uint8_t *w, int h, int g, float *dw0, float *dw1) {
+/* Q4_K / Q5_K: the 8 6-bit scales and 8 6-bit mins of a super-block (its 12 scale bytes at s), as bytes
+ * in the low halves of sc and mn (llama.cpp's bit shuffle, the same values as k_scale_min) */
+INLINE void F(kquant_scales)(const uint8_t *s, __m128i *sc, __m128i *mn) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    uint32_t aux = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = aux;
+    u[0] &= m1;
+    *sc = _mm_set_epi32(0, 0, (int)u[1], (int)u[0]);
+    *mn = _mm_set_epi32(0, 0, (int)u[3], (int)u[2]);
+}
+
+/* in place: v[r][j] -> v[j][r] for an 8x8 block of floats (data movement only) */
+INLINE void F(transpose8)(__m256 *v) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(v[k], v[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(v[k], v[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+        v[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+    }
+}
+
+/* Q6_K: the 32 unsigned 6-bit values of group g (0..3) in half h of super-block `w` */
+INLINE __m256i F(q6k_values)(const uint8_t *w, int h, int g) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
     __m256i l = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (g & 1)));
     __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
     if (g & 2) l = _mm256_srli_epi16(l, 4);
     qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g));
+    return _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+}
+
+/* the same values and the scales of their two 16-value halves */
+INLINE __m256i F(q6k_group)(const uint8_t *w, int h, int g, float *dw0, float *dw1) {
     const int8_t *sc = (const int8_t *)(w + 192);
     float d = F(half)(w + 208);
     *dw0 = d * (float)sc[8 * h + 2 * g];
     *dw1 = d * (float)sc[8 * h + 2 * g + 1];
-    return _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+    return F(q6k_values)(w, h, g);
 }
 
 /* ---- gemm8: lanes are activation rows ---- */
@@ -185,17 +223,21 @@ static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64
         const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
         for (int64_t i = 0; i < nb / 8; i++) {
             float dw[8][8], cw[8][8];  /* [sub-block][row]: each row's scales decoded once a super-block */
+            __m256 vdw[8], vcw[8];        /* [row] over sub-blocks, then transposed */
             for (int r = 0; r < 8; r++) {
                 const uint8_t *b = w[r] + i * bb;
                 _mm_prefetch((const char *)(b + 4 * bb), _MM_HINT_T0);
                 _mm_prefetch((const char *)(b + 4 * bb + 64), _MM_HINT_T0);
-                float d = F(half)(b), dmin = F(half)(b + 2);
-                for (int jj = 0; jj < 8; jj++) {
-                    int sc, m;
-                    k_scale_min(jj, b + 4, &sc, &m);
-                    dw[jj][r] = d * (float)sc;
-                    cw[jj][r] = -dmin * (float)m;
-                }
+                __m128i sc, mn;
+                F(kquant_scales)(b + 4, &sc, &mn);
+                vdw[r] = _mm256_mul_ps(_mm256_set1_ps(F(half)(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+                vcw[r] = _mm256_mul_ps(_mm256_set1_ps(-F(half)(b + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+            }
+            F(transpose8)(vdw);
+            F(transpose8)(vcw);
+            for (int jj = 0; jj < 8; jj++) {
+                _mm256_storeu_ps(dw[jj], vdw[jj]);
+                _mm256_storeu_ps(cw[jj], vcw[jj]);
             }
             for (int j = 0; j < 8; j += 2) {
                 const block_q8 *x0 = x + 8 * i + j, *x1 = x0 + 1;
@@ -223,29 +265,37 @@ static void F(gemv8)(int type, const uint8_t *const *w, const block_q8 *x, int64
     }
     case T_Q6_K: {
         const __m256i low_half = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);
-        for (int64_t i = 0; i < nb / 8; i++)
+        for (int64_t i = 0; i < nb / 8; i++) {
+            __m256 ds[2][8];  /* [half of the 16 scales][row], then transposed to [scale][row] */
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *b = w[r] + i * 210;
+                _mm_prefetch((const char *)(b + 4 * 210), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + 4 * 210 + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + 4 * 210 + 128), _MM_HINT_T0);
+                __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+                __m256 d = _mm256_set1_ps(F(half)(b + 208));
+                ds[0][r] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                ds[1][r] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+            }
+            F(transpose8)(ds[0]);
+            F(transpose8)(ds[1]);  /* ds[s / 8][s % 8] = scale s of every row */
             for (int h = 0; h < 2; h++)
                 for (int g = 0; g < 4; g++) {
                     const block_q8 *xg = x + 8 * i + 4 * h + g;
                     __m256i y = _mm256_loadu_si256((const __m256i *)xg->qs), plo[8], phi[8];
-                    float d0[8], d1[8], o0[8], o1[8];
                     for (int r = 0; r < 8; r++) {
-                        if (g == 0) _mm_prefetch((const char *)(w[r] + (i + 4) * 210 + 128 * h), _MM_HINT_T0);
-                        if (g == 0) _mm_prefetch((const char *)(w[r] + (i + 4) * 210 + 128 * h + 64), _MM_HINT_T0);
-                        __m256i p = F(dot_us)(F(q6k_group)(w[r] + i * 210, h, g, d0 + r, d1 + r), y);
+                        __m256i p = F(dot_us)(F(q6k_values)(w[r] + i * 210, h, g), y);
                         plo[r] = _mm256_and_si256(p, low_half);
                         phi[r] = _mm256_andnot_si256(low_half, p);
-                        o0[r] = -32.0f * d0[r];
-                        o1[r] = -32.0f * d1[r];
                     }
-                    __m256 dv = _mm256_set1_ps(xg->d);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F(transpose_sum)(plo)),
-                                          _mm256_mul_ps(_mm256_loadu_ps(d0), dv), acc);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F(transpose_sum)(phi)),
-                                          _mm256_mul_ps(_mm256_loadu_ps(d1), dv), acc);
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(o0), _mm256_set1_ps(xg->s_lo), acc);
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(o1), _mm256_set1_ps(xg->s - xg->s_lo), acc);
+                    __m256 d0 = ds[h][2 * g], d1 = ds[h][2 * g + 1], dv = _mm256_set1_ps(xg->d);
+                    const __m256 m32 = _mm256_set1_ps(-32.0f);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F(transpose_sum)(plo)), _mm256_mul_ps(d0, dv), acc);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F(transpose_sum)(phi)), _mm256_mul_ps(d1, dv), acc);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(m32, d0), _mm256_set1_ps(xg->s_lo), acc);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(m32, d1), _mm256_set1_ps(xg->s - xg->s_lo), acc);
                 }
+        }
         break;
     }
     }
