@@ -151,3 +151,27 @@ def test_the_torch_path_cuda_runs_still_works_on_cpu(models):
     tokens = [t for _ in range(20) if engine.has_work() for out in engine.step() for t in out.token_ids]
     assert len(tokens) == 8
     assert tokens[0] == generate("float32", [prompt], together=True)[0][0]
+
+
+def test_mixed_qkv_formats_take_the_one_call_forward_pass(tmp_path):
+    """Q4_K_M files store v (and some ffn_down) in Q6_K beside Q4_K q/k: q/k/v become separate products,
+    which the one-call C forward pass writes side by side, exactly as the per-operation path does."""
+    from tests.helpers_gguf import Q, write_tiny_gguf
+
+    types = {}
+    for i in range(2):
+        types |= {f"blk.{i}.{n}.weight": Q.Q4_K for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")}
+        types |= {f"blk.{i}.attn_v.weight": Q.Q6_K, f"blk.{i}.ffn_down.weight": Q.Q6_K}
+    tiny = write_tiny_gguf(tmp_path / "mixed.gguf", types | {"token_embd.weight": Q.Q8_0}, tied=True)
+    loaded, _ = load_model(tiny.path, torch.float32, packed=True)
+    engine = LLMEngine(EngineConfig(weights="quantized", num_kv_blocks=16), loaded, [])
+    assert engine.model.one_call and len(engine.model.layers[0].qkv.parts) == 3
+
+    def run(one_call: bool) -> list[int]:
+        engine.model.one_call = one_call
+        engine.add_request(str(one_call), [1, 5, 9, 13, 17, 21], SamplingParams(max_tokens=8, temperature=0,
+                                                                               ignore_eos=True, logprobs=2))
+        outs = [o for _ in range(12) if engine.has_work() for o in engine.step()]
+        return [t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs]
+
+    assert run(True) == run(False)

@@ -31,8 +31,9 @@ class QWeight(ctypes.Structure):
 
 
 class QLayer(ctypes.Structure):
-    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", QWeight), ("o", QWeight),
-                ("gate_up", QWeight), ("down", QWeight), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("n_qkv", ctypes.c_int64),
+                ("qkv", QWeight * 3), ("o", QWeight), ("gate_up", QWeight), ("down", QWeight),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
 class QModel(ctypes.Structure):

@@ -123,12 +123,16 @@ class Embedding:
         return F.embedding(ids, self.weight)
 
 
+def parts(lin: Linear | Embedding) -> list:
+    """The products a (possibly concatenated) projection is made of."""
+    return lin.parts if isinstance(lin, ConcatLinear) else [lin]
+
+
 def weight_bytes(layers: list[Linear | Embedding]) -> int:
     """Bytes of weights held (a tied table counted once)."""
     seen: dict[int, int] = {}
     for layer in layers:
-        parts = layer.parts if isinstance(layer, ConcatLinear) else [layer]
-        for p in parts:
+        for p in parts(layer):
             w = p.weight.data if isinstance(p.weight, PackedTensor) else p.weight
             seen[w.data_ptr()] = w.numel() * w.element_size()
     return sum(seen.values())

@@ -7,6 +7,7 @@ products halves the number of calls per layer, which dominates small-batch decod
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from ember.kernels import cpu as cpu_kernels
 from ember.models.attention import AttentionMetadata, paged_attention, store_kv
 from ember.models.config import ModelConfig
-from ember.models.linear import Embedding, Linear, PackedLinear, Weight, make_linear, weight_bytes
+from ember.models.linear import Embedding, Linear, PackedLinear, Weight, make_linear, parts, weight_bytes
 
 
 @dataclass
@@ -94,8 +95,8 @@ class LlamaModel:
         self.fused = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
         # and with every projection packed, a step runs all layers in one C call
         self.one_call = self.fused and all(
-            isinstance(lin, PackedLinear) for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
-                                                                               layer.down))
+            isinstance(lin, PackedLinear) for layer in self.layers for lin in (*parts(layer.qkv), layer.o,
+                                                                               layer.gate_up, layer.down))
         self._step_model: tuple[list, cpu_kernels.QModel, object] | None = None
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -141,9 +142,13 @@ class LlamaModel:
             def q(lin: Linear) -> cpu_kernels.QWeight:
                 return cpu_kernels.qweight(lin.weight.ggml_type, lin.weight.data, lin.in_features, lin.bias)
 
+            def qkv(lin: Linear) -> tuple[int, ctypes.Array]:
+                products = parts(lin)
+                return len(products), (cpu_kernels.QWeight * 3)(*[q(p) for p in products])
+
             layers = (cpu_kernels.QLayer * cfg.num_layers)(*[
-                cpu_kernels.QLayer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), q(layer.qkv), q(layer.o),
-                                   q(layer.gate_up), q(layer.down), k.data_ptr(), v.data_ptr())
+                cpu_kernels.QLayer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *qkv(layer.qkv),
+                                   q(layer.o), q(layer.gate_up), q(layer.down), k.data_ptr(), v.data_ptr())
                 for layer, (k, v) in zip(self.layers, kv_caches, strict=True)])
             model = cpu_kernels.QModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                        cfg.intermediate_size, kv_caches[0][0].shape[1], cfg.rms_norm_eps,

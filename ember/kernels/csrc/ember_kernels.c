@@ -849,7 +849,8 @@ typedef struct {
 
 typedef struct {
     const float *input_norm, *post_norm;
-    qweight qkv, o, gate_up, down;
+    int64_t n_qkv;   /* q/k/v as one product, or as up to 3 when their formats differ (Q4_K_M's v) */
+    qweight qkv[3], o, gate_up, down;
     float *k_cache, *v_cache;
 } qlayer;
 
@@ -863,8 +864,9 @@ typedef struct {
 static _Thread_local float *step_buf;
 static _Thread_local int64_t step_cap;
 
-static int qlinear(const qweight *q, const float *x, int64_t m, float *y, int accumulate) {
-    return ember_qmatmul(q->type, q->w, q->row_bytes, q->n_out, q->k, x, q->k, m, y, q->n_out, q->bias, accumulate);
+/* y[m, q->n_out] (rows ldy apart) (+)= x @ W^T */
+static int qlinear(const qweight *q, const float *x, int64_t m, float *y, int64_t ldy, int accumulate) {
+    return ember_qmatmul(q->type, q->w, q->row_bytes, q->n_out, q->k, x, q->k, m, y, ldy, q->bias, accumulate);
 }
 
 /* The decoder layers for a batch of `rows` tokens (decodes and prefill chunks alike): h [rows, hidden] is
@@ -889,16 +891,17 @@ int ember_forward_layers(const qmodel *m, float *h, int64_t rows, const int64_t 
         const qlayer *L = m->layers + l;
         int rc = 0;
         ember_rms_norm(h, m->hidden, rows, m->hidden, L->input_norm, m->eps, x);
-        rc |= qlinear(&L->qkv, x, rows, qkv, 0);
+        for (int64_t p = 0, col = 0; p < L->n_qkv; col += L->qkv[p].n_out, p++)
+            rc |= qlinear(&L->qkv[p], x, rows, qkv + col, qkv_size, 0);
         ember_rope_store(qkv, qkv_size, rows, positions, m->cos_t, m->sin_t, m->heads, m->kv_heads, m->head_dim,
                          slots, L->k_cache, L->v_cache);
         ember_attention(qkv, qkv_size, L->k_cache, L->v_cache, tables, row_seq, lens, rows, m->heads, m->kv_heads,
                         m->head_dim, m->block_size, max_blocks, scale, attn);
-        rc |= qlinear(&L->o, attn, rows, h, 1);
+        rc |= qlinear(&L->o, attn, rows, h, m->hidden, 1);
         ember_rms_norm(h, m->hidden, rows, m->hidden, L->post_norm, m->eps, x);
-        rc |= qlinear(&L->gate_up, x, rows, gu, 0);
+        rc |= qlinear(&L->gate_up, x, rows, gu, 2 * m->inter, 0);
         ember_silu_mul(gu, rows, m->inter, act);
-        rc |= qlinear(&L->down, act, rows, h, 1);
+        rc |= qlinear(&L->down, act, rows, h, m->hidden, 1);
         if (rc) return rc;
     }
     return 0;
