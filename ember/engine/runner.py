@@ -6,7 +6,6 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ember.engine.scheduler import ScheduledSeq
-from ember.kernels import cpu as cpu_kernels
 from ember.models.attention import AttentionMetadata
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaModel
@@ -17,9 +16,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         cfg, device = model.config, model.device
-        # attention reads the cache in place with the C kernel where it applies (CPU, float32, kernels built)
-        self.cpu_attention = (device.type == "cpu" and model.dtype == torch.float32 and cfg.head_dim <= 512
-                              and cpu_kernels.available())
+        # attention reads the cache in place with the C kernel wherever the model runs its fused C path
+        self.cpu_attention = model.fused
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device),

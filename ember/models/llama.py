@@ -91,8 +91,10 @@ class LlamaModel:
         freqs = torch.outer(positions, rope_inv_freq(config))
         self.cos = freqs.cos().to(device)
         self.sin = freqs.sin().to(device)
-        # CPU float32: the per-layer norms, rotary embedding, cache writes and activation as fused C calls
-        self.fused = device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available()
+        # CPU float32: the per-layer norms, rotary embedding, cache writes, activation and attention as C
+        # calls (the attention kernel holds a head of at most 512 values on its stack)
+        self.fused = (device.type == "cpu" and dtype == torch.float32 and config.head_dim <= 512
+                      and cpu_kernels.available())
         # and with every projection packed, a step runs all layers in one C call
         self.one_call = self.fused and all(
             isinstance(lin, PackedLinear) for layer in self.layers for lin in (*parts(layer.qkv), layer.o,
