@@ -24,8 +24,14 @@ if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
     rm -rf "$DIR/llama_cpp_python-$VERSION"
   fi
   started=$(date +%s)
-  # GGML_NATIVE: -march=native, what llama.cpp's own build does by default (AVX2, AVX-512, VNNI as present)
+  # GGML_NATIVE: -march=native, what llama.cpp's own build does by default (AVX2, AVX-512, VNNI as present).
+  # Its AMX path (ggml-cpu/amx, compiled in where the CPU has AMX) crashed with SIGSEGV in
+  # ggml_backend_amx_mul_mat on a Sapphire Rapids VM (llama-server at load, llama-bench at once) although
+  # the kernel grants AMX: there the build leaves AMX out (explicit -mno-* win over -march=native).
+  noamx=""
+  if grep -qw amx_int8 /proc/cpuinfo; then noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
   cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_BLAS=OFF \
+    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" \
     -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF > "$DIR/cmake.log"
   cmake --build "$DIR/build" -j "$(nproc)" --target llama-server llama-bench > "$DIR/build.log"

@@ -20,13 +20,13 @@ from tests.helpers_gguf import random_blocks
 Q = GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 ISAS = [name for name in cpu.ISA_LEVELS if cpu.select_isa(name) == name]
-cpu.select_isa("avx512-vnni")
+cpu.select_isa("avx512-amx")
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     yield cpu.select_isa(request.param)
-    cpu.select_isa("avx512-vnni")
+    cpu.select_isa("avx512-amx")
 
 
 def quantize_q8(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-ISA_LEVELS = {"portable": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
+ISA_LEVELS = {"portable": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3, "avx512-amx": 4}
 # ggml types the kernels take packed; others are dequantized at load
 PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
@@ -67,7 +67,7 @@ def _load() -> ctypes.CDLL:
     lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.ember_forward_layers.argtypes = [ctypes.POINTER(QModel), ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
-    level = os.environ.get("EMBER_KERNEL_ISA", "avx512-vnni")
+    level = os.environ.get("EMBER_KERNEL_ISA", "avx512-amx")
     if level not in ISA_LEVELS:
         raise ValueError(f"EMBER_KERNEL_ISA must be one of {sorted(ISA_LEVELS)}, not {level!r}")
     lib.ember_init(ISA_LEVELS[level])

@@ -52,3 +52,37 @@ INLINE float F(half)(const uint8_t *p) {
 #define UNPACK_Q5_1(p, q, dw, cw) \
     (q = _mm256_or_si256(F(nibbles32)((p) + 8), F(bits32_x10)((p) + 4)), dw = F(half)(p), cw = F(half)((p) + 2))
 
+
+INLINE int32_t F(hsum_epi32)(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* quantize_row_q8 (ember_kernels.c) with vectors, bit for bit: the same amax, d, 1/d, products and
+ * round-half-even conversion (the default MXCSR mode nearbyintf also follows) */
+static void F(quantize_row)(const float *x, int64_t k, block_q8 *out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < k / 32; i++, x += 32) {
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int t = 0; t < 4; t++) {
+            v[t] = _mm256_loadu_ps(x + 8 * t);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[t]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float d = _mm_cvtss_f32(m4) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int t = 0; t < 4; t++) q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], _mm256_set1_ps(id)));
+        int32_t lo = F(hsum_epi32)(_mm256_add_epi32(q[0], q[1]));
+        int32_t sum = lo + F(hsum_epi32)(_mm256_add_epi32(q[2], q[3]));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)out[i].qs, _mm256_permutevar8x32_epi32(p, order));
+        out[i].d = d;
+        out[i].s = d * (float)sum;
+        out[i].s_lo = d * (float)lo;
+        out[i].sum = sum;
+    }
+}

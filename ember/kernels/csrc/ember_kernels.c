@@ -4,8 +4,9 @@
  * Activations are quantized on the fly to blocks of 32 int8 values with one float scale and the
  * integer sum of the block (the sum folds a weight block's offset or minimum into one multiply), as
  * llama.cpp's q8_1 does. Each weight format then needs only an integer dot product of 32 pairs per
- * block. Kernels exist three times: portable C (correct everywhere, ARM included), AVX2+FMA, and
- * AVX2 with AVX-VNNI (vpdpbusd); the best the CPU has is picked once at load (ember_init).
+ * block. Kernels exist five times: portable C (correct everywhere, ARM included), AVX2+FMA, AVX2 with
+ * AVX-VNNI (vpdpbusd), AVX-512 VNNI, and AVX-512 with AMX tiles for batches of 16 rows and more; the best
+ * the CPU (and, for AMX, the kernel) allows is picked at load (ember_init).
  *
  * Work is split into chunks of output rows taken from one atomic counter, so a pool thread that
  * the OS has not scheduled just takes no chunk: a shared core slows a product, never stalls it.
@@ -21,6 +22,11 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define EMBER_X86 1
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
+#define EMBER_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
@@ -308,6 +314,13 @@ typedef void (*gemv8_fn)(int type, const uint8_t *const *w, const block_q8 *x, i
  * interleaved rows */
 typedef void (*gemm16_fn)(int type, const uint8_t *w0, const uint8_t *w1, const block_q8x16 *x, int64_t nb,
                           int64_t groups, float *out0, float *out1);
+/* one row of activations to 8-bit blocks (quantize_row_q8's arithmetic) */
+typedef void (*quantize_fn)(const float *x, int64_t k, block_q8 *out);
+/* AMX: 16 weight rows unpacked to bytes, then their products with groups of 16 rows (gemm_amx.h) */
+typedef void (*amx_unpack_fn)(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t nb, uint8_t *wq,
+                              float *dw, float *cw);
+typedef void (*amx_gemm_fn)(int type, const uint8_t *wq, const float *dw, const float *cw, const block_q8x16 *x,
+                            int64_t nb, int64_t m, int rows, float *y, int64_t ldy, const float *bias, int accumulate);
 
 /* `group` (8 or 16) rows of activation blocks, fewer at the end of a batch (the rest zero), interleaved
  * as block_q8x8 / block_q8x16: per block the rows' d, s and s_lo, then bytes 4t..4t+3 of every row. */
@@ -362,6 +375,21 @@ static void pack_group(const block_q8 *x, int64_t rows, int64_t nb, int group, v
 #include "gemm_avx512.h"
 #include "undef_x86.h"
 #pragma GCC pop_options
+
+#ifdef EMBER_AMX
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+#define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+#define DOT4(acc, w, y) _mm256_dpbusd_epi32(acc, w, y)
+#define SIGNED_Q8 0
+#define SUFFIX _amx
+#include "dot_x86.h"
+#include "gemm_x86.h"
+#include "gemm_avx512.h"
+#include "gemm_amx.h"
+#include "undef_x86.h"
+#pragma GCC pop_options
+#endif
 #endif
 
 /* ---- thread pool ------------------------------------------------------------------------------ */
@@ -477,14 +505,37 @@ int ember_num_threads(void) { return pool.n_workers + 1; }
 static gemm8_fn best_gemm8 = NULL;
 static gemv8_fn best_gemv8 = NULL;
 static gemm16_fn best_gemm16 = NULL;  /* AVX-512 only */
+static quantize_fn best_quantize = quantize_row_q8;
+static struct {
+    amx_unpack_fn unpack;
+    amx_gemm_fn gemm;
+    void (*begin)(int halves);  /* tile configuration for whole blocks, or Q6_K's halves */
+    void (*end)(void);
+} amx;  /* AMX only: all NULL elsewhere */
 static const char *isa_name = "portable";
 
-/* 0 portable, 1 avx2, 2 avx-vnni, 3 avx512-vnni: the best the CPU supports up to `max_level`. */
+#ifdef EMBER_AMX
+/* AMX-TILE and AMX-INT8 (CPUID.(EAX=7,ECX=0):EDX[24,25]), and the kernel's leave to use the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process) */
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable < 0) {
+        unsigned a, b, c, d;
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+        usable = (d & (3u << 24)) == (3u << 24) && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    return usable;
+}
+#endif
+
+/* 0 portable, 1 avx2, 2 avx-vnni, 3 avx512-vnni, 4 avx512-amx: the best the CPU supports up to `max_level`. */
 int ember_init(int max_level) {
     for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
     best_gemm8 = NULL;
     best_gemv8 = NULL;
     best_gemm16 = NULL;
+    best_quantize = quantize_row_q8;
+    memset(&amx, 0, sizeof amx);
     isa_name = "portable";
 #ifdef EMBER_X86
     __builtin_cpu_init();
@@ -494,18 +545,35 @@ int ember_init(int max_level) {
     int avxvnni = avx2 && (a & (1u << 4));  /* CPUID.(EAX=7,ECX=1):EAX[4] */
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#ifdef EMBER_AMX
+    if (max_level >= 4 && avx512 && amx_usable()) {
+        best_gemm8 = gemm8_row_amx;
+        best_gemv8 = gemv8_amx;
+        best_quantize = quantize_row_amx;
+        best_gemm16 = gemm16_rows_amx;
+        amx.unpack = amx_unpack_amx;
+        amx.gemm = amx_gemm_amx;
+        amx.begin = amx_begin_amx;
+        amx.end = amx_end_amx;
+        isa_name = "avx512-amx";
+        return 0;
+    }
+#endif
     if (max_level >= 3 && avx512) {
         best_gemm8 = gemm8_row_avx512;
         best_gemv8 = gemv8_avx512;
+        best_quantize = quantize_row_avx512;
         best_gemm16 = gemm16_rows_avx512;
         isa_name = "avx512-vnni";
     } else if (max_level >= 2 && avxvnni) {
         best_gemm8 = gemm8_row_avxvnni;
         best_gemv8 = gemv8_avxvnni;
+        best_quantize = quantize_row_avxvnni;
         isa_name = "avx-vnni";
     } else if (max_level >= 1 && avx2) {
         best_gemm8 = gemm8_row_avx2;
         best_gemv8 = gemv8_avx2;
+        best_quantize = quantize_row_avx2;
         isa_name = "avx2";
     }
 #else
@@ -534,6 +602,26 @@ static inline void store_out(const matmul_job *j, int64_t row, int64_t col, floa
     *dst = (j->accumulate ? *dst : 0.0f) + v + (j->bias ? j->bias[col] : 0.0f);
 }
 
+/* A pool thread's AMX buffer: 16 unpacked weight rows (bytes, scales, coefficients) */
+static _Thread_local uint8_t *amx_wq;
+static _Thread_local float *amx_dw, *amx_cw;
+static _Thread_local int64_t amx_nb;
+
+/* 0 once it holds nb blocks; -1 when memory ran out */
+static int amx_buffer(int64_t nb) {
+    if (nb > amx_nb) {
+        uint8_t *wq = realloc(amx_wq, (size_t)nb * 512);
+        if (wq) amx_wq = wq;
+        float *dw = wq ? realloc(amx_dw, (size_t)nb * 16 * sizeof(float)) : NULL;
+        if (dw) amx_dw = dw;
+        float *cw = dw ? realloc(amx_cw, (size_t)nb * 16 * sizeof(float)) : NULL;
+        if (!cw) return -1;
+        amx_cw = cw;
+        amx_nb = nb;
+    }
+    return 0;
+}
+
 static void matmul_chunk(void *ctx, int64_t chunk) {
     const matmul_job *j = ctx;
     int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
@@ -544,6 +632,17 @@ static void matmul_chunk(void *ctx, int64_t chunk) {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t i = 0; i < j->m; i++)
                 store_out(j, i, r, dot_portable(j->type, j->w + r * j->row_bytes, j->x + i * nb, nb));
+        return;
+    }
+    if (j->x16 && amx.gemm && amx_buffer(nb) == 0) {  /* (else gemm16: the same sums) */
+        amx.begin(j->type == T_Q6_K);
+        for (int64_t r = r0; r < r1; r += 16) {
+            int rows = r1 - r < 16 ? (int)(r1 - r) : 16;
+            amx.unpack(j->type, j->w + r * j->row_bytes, j->row_bytes, rows, nb, amx_wq, amx_dw, amx_cw);
+            amx.gemm(j->type, amx_wq, amx_dw, amx_cw, j->x16, nb, j->m, rows, j->y + r, j->ldy,
+                     j->bias ? j->bias + r : NULL, j->accumulate);
+        }
+        amx.end();
         return;
     }
     if (j->x16) {
@@ -585,13 +684,21 @@ static void matmul_chunk(void *ctx, int64_t chunk) {
 
 typedef struct {
     const float *x;
-    int64_t k, ldx;
+    int64_t k, ldx, m;
     block_q8 *out;
+    int group;     /* 0: rows stay as they are; 8 or 16: also interleaved into `packed` */
+    void *packed;
 } quant_job;
 
-static void quant_chunk(void *ctx, int64_t row) {
+/* chunk c: row c, or the rows of group c quantized and interleaved */
+static void quant_chunk(void *ctx, int64_t c) {
     const quant_job *j = ctx;
-    quantize_row_q8(j->x + row * j->ldx, j->k, j->out + row * (j->k / 32));
+    int64_t nb = j->k / 32, r0 = j->group ? c * j->group : c, r1 = j->group ? r0 + j->group : c + 1;
+    if (r1 > j->m) r1 = j->m;
+    for (int64_t r = r0; r < r1; r++) best_quantize(j->x + r * j->ldx, j->k, j->out + r * nb);
+    if (!j->group) return;
+    size_t bytes = j->group == 8 ? sizeof(block_q8x8) : sizeof(block_q8x16);
+    pack_group(j->out + r0 * nb, r1 - r0, nb, j->group, (char *)j->packed + c * nb * bytes);
 }
 
 /* The calling thread's buffer for quantized activations, grown as needed (one per engine thread). */
@@ -617,32 +724,29 @@ int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, 
         q8_cap = m * (k / 32);
     }
     block_q8 *xq = q8_buf;
-    quant_job qj = {x, k, ldx, xq};
-    if (m * k >= 16384) parallel_for(quant_chunk, &qj, m);
-    else for (int64_t i = 0; i < m; i++) quant_chunk(&qj, i);
     int64_t nb = k / 32;
-    int wide = best_gemm16 && m >= GEMM16_MIN_ROWS, group = wide ? 16 : 8, groups = (m + group - 1) / group;
-    block_q8x8 *x8 = NULL;
-    block_q8x16 *x16 = NULL;
-    if (best_gemm8 && m >= GEMM8_MIN_ROWS) {
-        size_t need = (size_t)(groups * nb) * (wide ? sizeof(block_q8x16) : sizeof(block_q8x8));
+    int interleave = best_gemm8 && m >= GEMM8_MIN_ROWS, wide = interleave && best_gemm16 && m >= GEMM16_MIN_ROWS;
+    int group = !interleave ? 0 : wide ? 16 : 8;
+    int64_t chunks = group ? (m + group - 1) / group : m;
+    if (group) {
+        size_t need = (size_t)(chunks * nb) * (wide ? sizeof(block_q8x16) : sizeof(block_q8x8));
         if (need > packed_cap) {
             void *grown = realloc(packed_buf, need);
             if (!grown) return -2;
             packed_buf = grown;
             packed_cap = need;
         }
-        for (int64_t g = 0; g < groups; g++) {
-            int64_t rows = m - group * g < group ? m - group * g : group;
-            void *dst = wide ? (void *)((block_q8x16 *)packed_buf + g * nb) : (void *)((block_q8x8 *)packed_buf + g * nb);
-            pack_group(xq + group * g * nb, rows, nb, group, dst);
-        }
-        if (wide) x16 = packed_buf;
-        else x8 = packed_buf;
     }
-    /* enough chunks to balance 1-4 threads, each at least a few rows of one weight stream */
-    int64_t threads = pool.n_workers + 1, per = (n_out / (threads * 8) + 7) / 8 * 8;  /* gemv8 takes 8 rows */
-    if (per < 8) per = 8;
+    quant_job qj = {x, k, ldx, m, xq, group, packed_buf};
+    if (m * k >= 16384) parallel_for(quant_chunk, &qj, chunks);
+    else for (int64_t c = 0; c < chunks; c++) quant_chunk(&qj, c);
+    block_q8x8 *x8 = group == 8 ? packed_buf : NULL;
+    block_q8x16 *x16 = group == 16 ? packed_buf : NULL;
+    /* enough chunks to balance 1-4 threads, each at least a few rows of one weight stream, in whole units of
+     * the kernel (gemv8 takes 8 rows, AMX 16) */
+    int64_t threads = pool.n_workers + 1, unit = x16 && amx.gemm ? 16 : 8;
+    int64_t per = (n_out / (threads * unit) + unit - 1) / unit * unit;
+    if (per < unit) per = unit;
     matmul_job mj = {type, w, row_bytes, n_out, k, m, per, ldy, xq, x8, x16, y, bias, accumulate};
     parallel_for(matmul_chunk, &mj, (n_out + per - 1) / per);
     return 0;
