@@ -23,7 +23,8 @@
 #define EMBER_X86 1
 #include <immintrin.h>
 #endif
-#if defined(__x86_64__) && defined(__linux__)
+/* AMX: Linux grants the tile state on request; GCC has the tile intrinsics from version 11 */
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 11
 #define EMBER_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
