@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ember.structured.backend import GrammarSpec
+from ember.structured.schema import close_objects, rebase_refs
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _ARGS_KEY = ', "arguments": '
@@ -82,9 +83,11 @@ def prepare_messages(messages: list[dict], tools: list[Tool]) -> list[dict]:
     return out
 
 
-def _call_schema(tool: Tool) -> dict:
-    return {"type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters or {"type": "object"}},
+def _call_schema(tool: Tool, at: str) -> dict:
+    """The schema of one call, to sit at `at` (a URI fragment) of the grammar's schema: the arguments'
+    own refs (`#/$defs/...`, as pydantic writes them) follow them to `at/properties/arguments`."""
+    arguments = rebase_refs(close_objects(tool.parameters or {"type": "object"}), f"{at}/properties/arguments")
+    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": arguments},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
@@ -92,8 +95,11 @@ def tool_grammar(tools: list[Tool], choice: str, parallel: bool, function: str |
     """`choice` is "auto", "required" or "function": one call of `function` (once, as OpenAI does)."""
     named = choice == "function"
     chosen = [t for t in tools if t.name == function] if named else tools
-    schemas = [_call_schema(t) for t in chosen]
-    schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": _JSON_STYLE}
+    if len(chosen) == 1:
+        schema = _call_schema(chosen[0], "#")
+    else:
+        schema = {"anyOf": [_call_schema(t, f"#/anyOf/{i}") for i, t in enumerate(chosen)]}
+    schema["x-guidance"] = _JSON_STYLE
     calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel and not named else "call"
     start = "TEXT | calls" if choice == "auto" else "calls"
     return GrammarSpec("lark", f"start: {start}\ncalls: {calls}\n"
