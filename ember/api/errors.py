@@ -10,8 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ember.api.protocol import FieldError
-from ember.serving.errors import RequestError
+from ember.serving.errors import FieldError, RequestError
 
 log = logging.getLogger("ember.api")
 
@@ -19,9 +18,14 @@ log = logging.getLogger("ember.api")
 _TYPE_SEGMENTS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+def _text(value: str | None) -> str | None:
+    """Lone surrogates a client sent, escaped (`\\ud800`), so that the error itself can be encoded."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if value is not None else None
+
+
 def error_body(message: str, param: str | None = None, code: str | None = None,
                type_: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _text(message), "type": type_, "param": _text(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -73,13 +77,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_response(exc)
 
+    @app.exception_handler(FieldError)
+    async def _field_error(_: Request, exc: FieldError) -> JSONResponse:
+        return error_response(400, str(exc), exc.field, exc.code)
+
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), None, code)
 
     @app.exception_handler(Exception)

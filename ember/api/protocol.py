@@ -1,10 +1,12 @@
 """Request bodies in Fireworks' schema (a superset of OpenAI's), ranges as its docstrings give them
 (OpenAI's where Fireworks is silent).
 
-Unknown fields are rejected. Fields of the schema that Ember does not implement yet (predicted
-outputs, reasoning controls, ...) are accepted only at values that change nothing;
-any other value is a 400 naming the field, never silently ignored. Types are strict:
-`"max_tokens": "5"` is a mistake, not a 5.
+Every field of OpenAI's and Fireworks' request schemas is accepted; only fields in neither are
+"unknown". Fields that Ember does not implement (predicted outputs, reasoning controls, audio, web
+search, ...) are accepted only at values that change nothing (null, false, text only); any other
+value is a 400 saying it is not supported, never silently ignored. Types are strict:
+`"max_tokens": "5"` is a mistake, not a 5. Strings must be Unicode text and the body at most
+MAX_DEPTH deep (ember.serving.client_json).
 """
 
 from __future__ import annotations
@@ -14,24 +16,26 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ember.serving.client_json import check_json, loads
+from ember.serving.errors import FieldError
+
 # field -> the values at which it is harmless today; every other non-null value is refused for now
 NOT_YET_SUPPORTED: dict[str, tuple] = {
     "prediction": (), "speculation": (),
     "reasoning_effort": ("none", False), "reasoning_history": (), "thinking": ({"type": "disabled"},),
 }
-CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "safe_tokenization": (False,)}
-COMPLETION_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "images": ([],)}
-MAX_LOGPROBS = 5  # alternatives per position a client may ask for (Fireworks' limit)
-
-
-class FieldError(ValueError):
-    """A validation failure about one field, relative to the object it was raised in."""
-
-    code = "invalid_value"
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {
+    **NOT_YET_SUPPORTED, "safe_tokenization": (False,),
+    # OpenAI's: stored completions, audio in and out, web search, moderation, output length control
+    "store": (False,), "modalities": (["text"],), "audio": (), "web_search_options": (), "moderation": (),
+    "verbosity": ("medium",),
+}
+# OpenAI's legacy completions: several samples ranked server-side, text inserted before a suffix
+COMPLETION_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "images": ([],), "best_of": (1,),
+                                                  "suffix": ("",)}
+MAX_LOGPROBS = 5  # alternatives per position of the legacy integer `logprobs` (Fireworks' and OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
+MIN_REPETITION_PENALTY = 0.01  # below it seen tokens' logits grow past anything meaningful, toward float32 inf
 
 
 class NotYetSupported(FieldError):
@@ -65,7 +69,17 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    not_yet: ClassVar[dict[str, tuple]] = {"include_obfuscation": (False,)}  # random padding on chunks
+
+    include_usage: bool | None = False
+
+
+class PromptCacheOptions(_Strict):
+    """OpenAI's: the prefix cache is automatic here (implicit); explicit breakpoints are not supported."""
+
+    not_yet: ClassVar[dict[str, tuple]] = {"mode": ("implicit",)}
+
+    ttl: Literal["30m"] | None = None
 
 
 class TextPart(_Strict):
@@ -80,6 +94,14 @@ class CalledFunction(_Strict):
     name: str
     arguments: str | dict[str, Any] = "{}"  # JSON text (OpenAI) or an object (Fireworks)
 
+    @model_validator(mode="after")
+    def _arguments_object(self) -> CalledFunction:
+        """A replayed call's arguments go into the prompt as they are: they must be a JSON object."""
+        text = self.arguments
+        if isinstance(text, str) and text.strip() and not isinstance(loads(text, "arguments"), dict):
+            raise FieldError("arguments", "a call's arguments must be a JSON object")
+        return self
+
     def arguments_text(self) -> str:
         return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments)
 
@@ -87,13 +109,22 @@ class CalledFunction(_Strict):
 class ToolCallMessage(_Strict):
     """A call of an earlier assistant turn, sent back with the conversation."""
 
+    not_yet: ClassVar[dict[str, tuple]] = {"custom": ()}  # OpenAI's free-form custom tools
+
     id: str | None = None
     type: Literal["function"] = "function"
     function: CalledFunction
     index: int | None = None  # left in by clients that replay streamed deltas
 
 
+# message fields a template never sees: calls are rewritten below; refusals and annotations describe a
+# past answer (SDKs replay them with `message.model_dump()`), they are not part of the conversation
+_NOT_RENDERED = {"tool_calls", "function_call", "refusal", "annotations"}
+
+
 class ChatMessage(_Strict):
+    not_yet: ClassVar[dict[str, tuple]] = {"audio": ()}  # an earlier audio answer, by id
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -101,7 +132,8 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCallMessage] | None = None
     function_call: CalledFunction | None = None  # the legacy form of one tool call
     reasoning_content: str | None = None
-    refusal: str | None = None  # echoed back by SDKs that replay the assistant message whole
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,7 +149,7 @@ class ChatMessage(_Strict):
         """The plain dict a chat template expects: content parts joined into one string, calls with
         their arguments as JSON text, legacy `function` messages as `tool` ones."""
         content = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content
-        message = {**self.model_dump(exclude_none=True, exclude={"tool_calls", "function_call", "refusal"}),
+        message = {**self.model_dump(exclude_none=True, exclude=_NOT_RENDERED),
                    "content": content or "", "role": "tool" if self.role == "function" else self.role}
         calls = list(self.tool_calls or []) + \
             ([ToolCallMessage(function=self.function_call)] if self.function_call else [])
@@ -213,7 +245,7 @@ class GenerationRequest(_Strict):
     top_k: Annotated[int, Field(ge=0, le=100)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     typical_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None  # 0 would divide by zero
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
@@ -225,7 +257,7 @@ class GenerationRequest(_Strict):
     ignore_eos: bool = False
     # true: OpenAI's format with `top_logprobs` alternatives; an int: the legacy format with that many
     logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool | None = None
     echo_last: Annotated[int, Field(ge=0)] | None = None
     raw_output: bool | None = None
@@ -235,15 +267,25 @@ class GenerationRequest(_Strict):
     context_length_exceeded_behavior: Literal["error", "truncate"] = "truncate"
     # accepted and kept; they label the request and do not change what is generated
     user: str | None = None
+    safety_identifier: str | None = None
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
     prompt_cache_isolation_key: str | None = None
-    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     perf_metrics_in_response: bool | None = None
     response_format: ResponseFormat | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sane_json(cls, data: Any) -> Any:
+        check_json(data)
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed with stream: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise FieldError("max_completion_tokens",
                              "give max_tokens or its alias max_completion_tokens, not both")
@@ -304,6 +346,7 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDef] | None = None  # legacy: tools of type function
     function_call: Literal["none", "auto"] | FunctionChoiceName | None = None  # legacy tool_choice
+    prompt_cache_options: PromptCacheOptions | None = None
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> ChatCompletionRequest:

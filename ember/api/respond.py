@@ -58,7 +58,8 @@ def _headers(request: Request, gen: Generation, response_id: str) -> dict[str, s
 async def respond(request: Request, body: GenerationRequest, gen: Generation, shape: Shape) -> Response:
     """A JSON answer once every choice finished, or an SSE stream, as the request asked."""
     response_id = f"{shape.id_prefix}-{gen.request_id}"
-    envelope = {"id": response_id, "created": int(time.time()), "model": body.model}
+    envelope = {"id": response_id, "created": int(time.time()), "model": body.model,
+                "system_fingerprint": gen.model.fingerprint}
     top = {"prompt_token_ids": gen.prompts[0].token_ids} \
         if body.return_token_ids and not shape.prompt_ids_per_choice else {}
     headers = _headers(request, gen, response_id)

@@ -1,4 +1,5 @@
-"""Client mistakes found while translating a request; the API layer turns them into 4xx envelopes."""
+"""Client mistakes found while validating or translating a request; the API layer turns them into 4xx
+envelopes."""
 
 from __future__ import annotations
 
@@ -13,3 +14,14 @@ class RequestError(Exception):
         self.param = param
         self.status = status
         self.code = code
+
+
+class FieldError(ValueError):
+    """A validation failure about one field, relative to the object it was raised in (pydantic adds
+    the location of that object)."""
+
+    code = "invalid_value"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

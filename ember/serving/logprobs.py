@@ -25,12 +25,25 @@ class TokenOut:
     prompt: bool = False  # an echoed prompt token, not a generated one
 
 
+def _ends_mid_character(data: bytes) -> bool:
+    """Whether `data` ends inside a UTF-8 sequence: a lead byte still short of continuation bytes."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last sequence's lead byte
+            size = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return size > back
+    return False
+
+
 class OffsetDetokenizer:
-    """An IncrementalDetokenizer that also reports where each token's text starts."""
+    """An IncrementalDetokenizer that also reports where each token's text starts. Text that ends
+    inside a character (max_tokens cut it) ends before that character, not in U+FFFD."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, prefix_ids: Sequence[int] = (),
                  start: int = 0) -> None:
+        self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens, prefix_ids)
+        self._held: list[int] = []  # ids whose text the detokenizer has not released yet
         self.length = start  # text emitted so far, `start` included
 
     def add(self, token_ids: Sequence[int]) -> tuple[str, list[int]]:
@@ -38,12 +51,22 @@ class OffsetDetokenizer:
         text, offsets = "", []
         for t in token_ids:
             offsets.append(self.length + len(text))
-            text += self._detok.add([t])
+            new = self._detok.add([t])
+            if new:
+                self._held.clear()
+            else:
+                self._held.append(t)
+            text += new
         self.length += len(text)
         return text, offsets
 
     def flush(self) -> str:
         text = self._detok.flush()
+        special = self._tokenizer.special_ids
+        held = b"".join(self._tokenizer.token_bytes(t) for t in self._held if t not in special)
+        if text.endswith("\ufffd") and _ends_mid_character(held):
+            text = text[:-1]
+        self._held.clear()
         self.length += len(text)
         return text
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from importlib.metadata import version
 from pathlib import Path
 
 from ember.engine.config import EngineConfig
-from ember.engine.engine import AsyncEngine, build_async_engine, resolve_device
+from ember.engine.engine import AsyncEngine, Placement, build_async_engine, resolve_device
 from ember.models.loader import default_model_path, load_model
 from ember.models.tokenizer import Tokenizer
 from ember.serving.errors import RequestError
@@ -35,6 +37,7 @@ class ServedModel:
     eos_token_ids: list[int] = field(default_factory=list)
     logits_size: int = 0  # the model's output width, which grammar masks must cover (vocab_size if 0)
     created: int = field(default_factory=lambda: int(time.time()))
+    fingerprint: str = "fp_unknown"  # OpenAI's system_fingerprint: this model on this build of Ember
 
     @property
     def max_model_len(self) -> int:
@@ -49,6 +52,14 @@ class ServedModel:
 def served_name_for(model_path: str | None) -> str:
     """The bundled model keeps its well-known name; any other is called after its file or folder."""
     return DEFAULT_SERVED_NAME if model_path is None else Path(model_path).stem.lower()
+
+
+def fingerprint(name: str, path: Path, placement: Placement) -> str:
+    """Stable while what the answers depend on besides the request stays: Ember's version, the model
+    (its name, file and size) and how it runs (device, dtype, packed weights)."""
+    size = path.stat().st_size if path.is_file() else 0
+    parts = (version("ember"), name, path.name, size, placement.device.type, placement.dtype, placement.packed)
+    return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
 def load_served_model(engine_config: EngineConfig, served_name: str | None = None,
@@ -67,7 +78,8 @@ def load_served_model(engine_config: EngineConfig, served_name: str | None = Non
     log.info("model loaded", extra={"model": name, "path": str(path),
                                     "seconds": round(time.perf_counter() - started, 2)})
     return ServedModel(name, engine, tokenizer, min(tokenizer.vocab_size, weights.config.vocab_size),
-                       sampling_defaults(gen), eos, weights.config.vocab_size)
+                       sampling_defaults(gen), eos, weights.config.vocab_size,
+                       fingerprint=fingerprint(name, path, placement))
 
 
 class ModelRegistry:

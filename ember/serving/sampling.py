@@ -16,6 +16,9 @@ FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
 # request fields with no model default: reported in fireworks-sampling-options only when the client set them
 _OPTIONAL = ("repetition_penalty", "frequency_penalty", "presence_penalty", "mirostat_target", "mirostat_lr",
              "seed")
+# a temperature below this samples like greedy anyway, and dividing float32 logits by it overflows to inf
+# (vLLM's threshold): it means greedy
+MIN_TEMPERATURE = 1e-5
 _NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
             "mirostat_lr": SamplingParams.mirostat_lr}
 
@@ -73,10 +76,13 @@ def _logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float]:
 def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: dict, max_model_len: int,
                   vocab_size: int, grammar: Grammar | None = None) -> SamplingPlan:
     """max_tokens defaults to 2048 and is lowered to the room the context leaves, unless the client
-    asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt.
+    asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt. A
+    temperature under MIN_TEMPERATURE is greedy.
     `grammar` constrains every sample."""
     chosen = {k: _first(getattr(request, k), defaults.get(k), fallback)
               for k, fallback in FALLBACK_DEFAULTS.items()}
+    if chosen["temperature"] < MIN_TEMPERATURE:
+        chosen["temperature"] = 0.0
     optional = {k: getattr(request, k) for k in _OPTIONAL if getattr(request, k) is not None}
     bias = _logit_bias(request, vocab_size)
     logprobs = request.num_logprobs

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from ember.serving.client_json import loads
 from ember.serving.errors import RequestError
 from ember.serving.tools import Tool, tool_grammar
 from ember.structured.backend import Backend, Grammar, GrammarError, GrammarSpec
+from ember.structured.schema import close_objects
 
 ANY_OBJECT = {"type": "object"}
 
@@ -21,14 +23,12 @@ class ResponseFormat(Protocol):
 
 
 def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
+    """The schema as JSON text, its objects closed (ember.structured.schema.close_objects)."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"the schema is not valid JSON: {exc}", param) from exc
+        schema = loads(schema, param)
     if not isinstance(schema, dict):
         raise RequestError("a JSON schema must be an object", param)
-    return json.dumps(schema)
+    return json.dumps(close_objects(schema))
 
 
 def _param(fmt: ResponseFormat) -> str:
