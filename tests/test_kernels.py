@@ -121,3 +121,54 @@ def test_rows_do_not_depend_on_the_batch(isa, qtype):
         assert torch.equal(cpu.qmatmul(xt[i:i + 1], *args), together[i:i + 1]), (isa, i)
     assert torch.equal(cpu.qmatmul(xt[4:7], *args), together[4:7])
     assert torch.equal(cpu.qmatmul(xt[20:33], *args), together[20:33])
+
+
+def attention_case(block_size, dim, lens, heads=6, kv_heads=2, seed=0):
+    """A paged cache holding one sequence per entry of `lens` (its blocks shuffled), K transposed within each
+    block as the kernel keeps it, and one query row per sequence attending to its whole length."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(per_seq) + 1, generator=g)  # block 0..: scattered, one spare
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.long)
+    k = torch.randn(len(lens), max(lens), kv_heads, dim, generator=g)
+    v = torch.randn(len(lens), max(lens), kv_heads, dim, generator=g)
+    k_cache = torch.zeros(order.numel(), kv_heads, dim, block_size)
+    v_cache = torch.zeros(order.numel(), block_size, kv_heads, dim)
+    used = 0
+    for s, n in enumerate(lens):
+        for b in range(per_seq[s]):
+            blk = int(order[used]); used += 1
+            tables[s, b] = blk
+            piece = slice(b * block_size, min(n, (b + 1) * block_size))
+            width = piece.stop - piece.start
+            k_cache[blk, :, :, :width] = k[s, piece].permute(1, 2, 0)
+            v_cache[blk, :width] = v[s, piece]
+    q = torch.randn(len(lens), heads, dim, generator=g)
+    return q, k, v, k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("block_size,dim", [(16, 64), (16, 128), (16, 32), (4, 64), (16, 48), (8, 80)])
+def test_attention_matches_softmax_reference(block_size, dim):
+    lens = [1, 15, 16, 17, 40, 100]
+    q, k, v, k_cache, v_cache, tables = attention_case(block_size, dim, lens)
+    out = cpu.attention(q, k_cache, v_cache, tables, torch.arange(len(lens)), torch.tensor(lens))
+    for s, n in enumerate(lens):
+        kk = k[s, :n].double().repeat_interleave(3, dim=1)  # [n, heads, dim]: 3 query heads per kv head
+        vv = v[s, :n].double().repeat_interleave(3, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[s].double(), kk) / dim ** 0.5
+        ref = torch.einsum("hn,nhd->hd", scores.softmax(-1), vv)
+        assert torch.allclose(out[s].double(), ref, atol=2e-5, rtol=1e-4), (block_size, dim, n)
+
+
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_attention_rows_do_not_depend_on_the_batch(block_size):
+    """A causal prefill's rows equal the same positions attended one at a time, bit for bit."""
+    n = 37
+    q, _, _, k_cache, v_cache, tables = attention_case(block_size, 64, [n])
+    queries = torch.randn(n, 6, 64)
+    together = cpu.attention(queries, k_cache, v_cache, tables, torch.zeros(n, dtype=torch.long),
+                             torch.arange(1, n + 1))
+    for i in [0, 5, 15, 16, 36]:
+        alone = cpu.attention(queries[i:i + 1], k_cache, v_cache, tables, torch.zeros(1, dtype=torch.long),
+                              torch.tensor([i + 1]))
+        assert torch.equal(alone, together[i:i + 1])

@@ -16,11 +16,13 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         cfg, device = model.config, model.device
-        # attention reads the cache in place with the C kernel wherever the model runs its fused C path
+        # attention reads the cache in place with the C kernel wherever the model runs its fused C path; the
+        # kernel keeps K transposed within each block (see ember.models.attention)
         self.cpu_attention = model.fused
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        k_shape = (num_blocks, cfg.num_kv_heads, cfg.head_dim, block_size) if self.cpu_attention else shape
         self.kv_caches = [
-            (torch.zeros(shape, dtype=model.dtype, device=device),
+            (torch.zeros(k_shape, dtype=model.dtype, device=device),
              torch.zeros(shape, dtype=model.dtype, device=device))
             for _ in range(cfg.num_layers)
         ]

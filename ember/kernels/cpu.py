@@ -65,7 +65,7 @@ def _load() -> ctypes.CDLL:
     lib.ember_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
     lib.ember_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr]
     lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
-    lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.ember_forward_layers.argtypes = [ctypes.POINTER(QModel), ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
     level = os.environ.get("EMBER_KERNEL_ISA", "avx512-amx")
     if level not in ISA_LEVELS:
@@ -144,16 +144,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq
     """Attention of every query row read in place from the paged cache (no gather): row i attends to the
     first row_lengths[i] slots of sequence row_seq[i]'s blocks (causal for a prefill chunk's rows).
 
-    q [rows, heads, dim] float32; caches [blocks, block_size, kv_heads, dim]; seq_blocks int64
-    [sequences, max blocks]; row_seq and row_lengths int64 [rows].
+    q [rows, heads, dim] float32; k_cache [blocks, kv_heads, dim, block_size] (transposed within each block), v_cache
+    [blocks, block_size, kv_heads, dim]; seq_blocks int64 [sequences, max blocks]; row_seq and row_lengths
+    int64 [rows].
     """
     rows, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
     out = torch.empty(rows, heads, dim)
     lib().ember_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), seq_blocks.data_ptr(),
-                          row_seq.data_ptr(), row_lengths.data_ptr(), rows, heads, k_cache.shape[2], dim,
-                          k_cache.shape[1], seq_blocks.shape[1], dim ** -0.5, out.data_ptr())
+                          row_seq.data_ptr(), row_lengths.data_ptr(), rows, heads, v_cache.shape[2], dim,
+                          v_cache.shape[1], seq_blocks.shape[1], dim ** -0.5, out.data_ptr())
     return out
 
 
@@ -176,11 +177,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                kv_heads: int, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Rotary embedding of q and k in place in qkv [n, (heads + 2 kv_heads) * dim], then k and v into the
-    caches at `slots` (int64 flat slot per row). cos / sin: [positions, dim / 2] tables."""
-    dim = k_cache.shape[-1]
+    caches at `slots` (int64 flat slot per row), in `attention`'s layouts. cos / sin: [positions, dim / 2]."""
+    dim = v_cache.shape[-1]
     lib().ember_rope_store(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
-                           sin.data_ptr(), heads, kv_heads, dim, slots.data_ptr(), k_cache.data_ptr(),
-                           v_cache.data_ptr())
+                           sin.data_ptr(), heads, kv_heads, dim, slots.data_ptr(), v_cache.shape[1],
+                           k_cache.data_ptr(), v_cache.data_ptr())
 
 
 def qweight(ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | None) -> QWeight:

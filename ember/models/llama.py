@@ -153,7 +153,7 @@ class LlamaModel:
                                    q(layer.o), q(layer.gate_up), q(layer.down), k.data_ptr(), v.data_ptr())
                 for layer, (k, v) in zip(self.layers, kv_caches, strict=True)])
             model = cpu_kernels.QModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       cfg.intermediate_size, kv_caches[0][0].shape[1], cfg.rms_norm_eps,
+                                       cfg.intermediate_size, kv_caches[0][1].shape[1], cfg.rms_norm_eps,
                                        self.cos.data_ptr(), self.sin.data_ptr(), layers)
             self._step_model = (kv_caches, model, layers)
         return self._step_model[1]

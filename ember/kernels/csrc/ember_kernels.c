@@ -829,27 +829,79 @@ typedef struct {
 static _Thread_local float *score_buf;
 static _Thread_local int64_t score_cap;
 
+/* 16 floats as one value (a zmm on x86-64-v4, two ymm on v3, four xmm elsewhere), loaded unaligned */
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+
 /* One query row and head: a decode attends to its whole context, a prefill query to the positions up to
- * its own. Tasks per head rather than per kv head balance the threads even for a single decode; the
- * key rows a group of heads (or a prefill chunk's queries) shares are re-read from cache, not memory.
+ * its own. K is cached transposed within each block ([blocks, kv_heads, dim, block_size]), so with
+ * 16-token blocks a block's 16 scores are one vector, built by dim multiply-adds with no horizontal sum;
+ * V is cached as written ([blocks, block_size, kv_heads, dim]) and summed into dim / 16 vectors. D is the
+ * head size (a constant from the caller where it is a common one, so the accumulators stay in registers).
  * Every row runs this same arithmetic, so a token's attention does not depend on how the scheduler
- * chunked, batched or cached its prompt. */
-MULTIVERSION static void attn_row(const attn_job *j, int64_t b, int64_t h) {
-    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b];
-    int64_t d = j->dim, stride = j->kv_heads * d, bs = j->block_size;
-    if (len > score_cap) {
-        float *grown = realloc(score_buf, (size_t)len * sizeof(float));
-        if (!grown) return;
-        score_buf = grown;
-        score_cap = len;
-    }
-    const float *restrict q = j->q + b * j->q_stride + h * d;
+ * chunked, batched or cached its prompt. Tasks per head rather than per kv head balance the threads even
+ * for a single decode. */
+static inline __attribute__((always_inline)) void attn_core16(const attn_job *j, int64_t b, int64_t h, int64_t D) {
+    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
+    const float *restrict q = j->q + b * j->q_stride + h * D;
     const int64_t *table = j->tables + j->row_seq[b] * j->max_blocks;
-    float *restrict s = score_buf, mx = -INFINITY, sum = 0.0f, acc[512];
-    for (int64_t blk = 0, t = 0; t < len; blk++) {  /* block by block: no division per key */
-        const float *restrict k = j->k_cache + table[blk] * bs * stride + kvh * d;
-        for (int64_t o = 0; o < bs && t < len; o++, t++, k += stride) {
-            s[t] = dot_f32(q, k, d) * j->scale;
+    float *restrict s = score_buf, mx = -INFINITY;
+    v16f mx16;
+    for (int o = 0; o < 16; o++) mx16[o] = -INFINITY;
+    for (int64_t blk = 0, t = 0; t < len; blk++, t += 16) {
+        const v16f *kt = (const v16f *)(j->k_cache + (table[blk] * j->kv_heads + kvh) * D * 16);
+        v16f acc = {0};
+        for (int64_t e = 0; e < D; e++) acc += q[e] * kt[e];
+        acc *= j->scale;
+        if (t + 16 <= len) {
+            memcpy(s + t, &acc, sizeof acc);
+            for (int o = 0; o < 16; o++) mx16[o] = acc[o] > mx16[o] ? acc[o] : mx16[o];
+        } else {
+            for (int o = 0; t + o < len; o++) {
+                s[t + o] = acc[o];
+                mx = acc[o] > mx ? acc[o] : mx;
+            }
+        }
+    }
+    for (int o = 0; o < 16; o++) mx = mx16[o] > mx ? mx16[o] : mx;
+    v16f part = {0};
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+        v16f e16;
+        for (int o = 0; o < 16; o++) e16[o] = exp_approx(s[t + o] - mx);
+        memcpy(s + t, &e16, sizeof e16);
+        part += e16;
+    }
+    for (; t < len; t++) {
+        s[t] = exp_approx(s[t] - mx);
+        part[0] += s[t];
+    }
+    float sum = 0.0f;
+    for (int o = 0; o < 16; o++) sum += part[o];
+    float inv = 1.0f / sum;
+    v16f out[32] = {{0}};  /* D <= 512 */
+    for (int64_t blk = 0, t = 0; t < len; blk++) {
+        const float *v = j->v_cache + table[blk] * 16 * stride + kvh * D;
+        for (int o = 0; o < 16 && t < len; o++, t++, v += stride) {
+            float p = s[t] * inv;
+            for (int64_t i = 0; i < D / 16; i++) out[i] += p * ((const v16f *)v)[i];
+        }
+    }
+    memcpy(j->out + (b * j->heads + h) * D, out, (size_t)D * sizeof(float));
+}
+
+/* the same for any block size and head size (scalar loops over the same layouts) */
+static void attn_core_any(const attn_job *j, int64_t b, int64_t h) {
+    int64_t D = j->dim, BS = j->block_size;
+    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
+    const float *q = j->q + b * j->q_stride + h * D;
+    const int64_t *table = j->tables + j->row_seq[b] * j->max_blocks;
+    float *s = score_buf, mx = -INFINITY, sum = 0.0f, acc[512];
+    for (int64_t blk = 0, t = 0; t < len; blk++) {
+        const float *kt = j->k_cache + (table[blk] * j->kv_heads + kvh) * D * BS;
+        for (int64_t o = 0; o < BS && t < len; o++, t++) {
+            float dot = 0.0f;
+            for (int64_t e = 0; e < D; e++) dot += q[e] * kt[e * BS + o];
+            s[t] = dot * j->scale;
             mx = s[t] > mx ? s[t] : mx;
         }
     }
@@ -858,15 +910,27 @@ MULTIVERSION static void attn_row(const attn_job *j, int64_t b, int64_t h) {
         sum += s[t];
     }
     float inv = 1.0f / sum;
-    for (int64_t e = 0; e < d; e++) acc[e] = 0.0f;
+    for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
     for (int64_t blk = 0, t = 0; t < len; blk++) {
-        const float *restrict v = j->v_cache + table[blk] * bs * stride + kvh * d;
-        for (int64_t o = 0; o < bs && t < len; o++, t++, v += stride) {
-            float p = s[t] * inv;
-            for (int64_t e = 0; e < d; e++) acc[e] += p * v[e];
-        }
+        const float *v = j->v_cache + table[blk] * BS * stride + kvh * D;
+        for (int64_t o = 0; o < BS && t < len; o++, t++, v += stride)
+            for (int64_t e = 0; e < D; e++) acc[e] += s[t] * inv * v[e];
     }
-    memcpy(j->out + (b * j->heads + h) * d, acc, (size_t)d * sizeof(float));
+    memcpy(j->out + (b * j->heads + h) * D, acc, (size_t)D * sizeof(float));
+}
+
+MULTIVERSION static void attn_row(const attn_job *j, int64_t b, int64_t h) {
+    int64_t len = j->lens[b];
+    if (len > score_cap) {
+        float *grown = realloc(score_buf, (size_t)len * sizeof(float));
+        if (!grown) return;
+        score_buf = grown;
+        score_cap = len;
+    }
+    if (j->block_size != 16 || j->dim % 16) attn_core_any(j, b, h);
+    else if (j->dim == 64) attn_core16(j, b, h, 64);
+    else if (j->dim == 128) attn_core16(j, b, h, 128);
+    else attn_core16(j, b, h, j->dim);
 }
 
 static void attn_task(void *ctx, int64_t task) {
@@ -876,8 +940,9 @@ static void attn_task(void *ctx, int64_t task) {
 
 /* out[i, h, :] = softmax(q[i, h] . K^T * scale) V for every query row i (rows q_stride apart), K / V being
  * the first lens[i] slots of the blocks of its sequence (tables[row_seq[i], :]) in caches laid out
- * [blocks, block_size, kv_heads, dim]: a decode attends to its whole context, a prefill query to the
- * positions up to its own (causal). out is [rows, heads, dim]. */
+ * [blocks, kv_heads, dim, block_size] (K, transposed within each block) and [blocks, block_size, kv_heads,
+ * dim] (V): a decode attends to its whole context, a prefill query to the positions up to its own
+ * (causal). out is [rows, heads, dim]; dim is at most 512. */
 void ember_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                      const int64_t *tables, const int64_t *row_seq, const int64_t *lens, int64_t rows, int64_t heads,
                      int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, float scale, float *out) {
@@ -921,10 +986,10 @@ void ember_silu_mul(const float *gu, int64_t n, int64_t inter, float *out) {
 
 /* In place on qkv rows ([q heads | k heads | v heads] * dim, rows ld apart): rotate-half rotary embedding
  * of q and k at each row's position (cos/sin tables [positions, dim / 2]), then store k and v into the
- * caches ([slots, kv_heads, dim] flat) at each row's slot. */
+ * caches at each row's slot, in ember_attention's layouts. */
 MULTIVERSION void ember_rope_store(float *qkv, int64_t ld, int64_t n, const int64_t *positions, const float *cos_t,
                                    const float *sin_t, int64_t heads, int64_t kv_heads, int64_t dim,
-                                   const int64_t *slots, float *k_cache, float *v_cache) {
+                                   const int64_t *slots, int64_t block_size, float *k_cache, float *v_cache) {
     int64_t half = dim / 2;
     for (int64_t i = 0; i < n; i++) {
         float *row = qkv + i * ld;
@@ -937,8 +1002,9 @@ MULTIVERSION void ember_rope_store(float *qkv, int64_t ld, int64_t n, const int6
                 x[e + half] = b * c[e] + a * s[e];
             }
         }
-        int64_t kv = kv_heads * dim;
-        memcpy(k_cache + slots[i] * kv, row + heads * dim, (size_t)kv * sizeof(float));
+        int64_t kv = kv_heads * dim, blk = slots[i] / block_size, off = slots[i] % block_size;
+        float *kt = k_cache + blk * kv * block_size + off;  /* K transposed within its block (ember_attention) */
+        for (int64_t e = 0; e < kv; e++) kt[e * block_size] = row[heads * dim + e];
         memcpy(v_cache + slots[i] * kv, row + (heads + kv_heads) * dim, (size_t)kv * sizeof(float));
     }
 }
@@ -999,7 +1065,7 @@ int ember_forward_layers(const qmodel *m, float *h, int64_t rows, const int64_t 
         for (int64_t p = 0, col = 0; p < L->n_qkv; col += L->qkv[p].n_out, p++)
             rc |= qlinear(&L->qkv[p], x, rows, qkv + col, qkv_size, 0);
         ember_rope_store(qkv, qkv_size, rows, positions, m->cos_t, m->sin_t, m->heads, m->kv_heads, m->head_dim,
-                         slots, L->k_cache, L->v_cache);
+                         slots, m->block_size, L->k_cache, L->v_cache);
         ember_attention(qkv, qkv_size, L->k_cache, L->v_cache, tables, row_seq, lens, rows, m->heads, m->kv_heads,
                         m->head_dim, m->block_size, max_blocks, scale, attn);
         rc |= qlinear(&L->o, attn, rows, h, m->hidden, 1);
