@@ -137,7 +137,8 @@ def attention_case(block_size, dim, lens, heads=6, kv_heads=2, seed=0):
     used = 0
     for s, n in enumerate(lens):
         for b in range(per_seq[s]):
-            blk = int(order[used]); used += 1
+            blk = int(order[used])
+            used += 1
             tables[s, b] = blk
             piece = slice(b * block_size, min(n, (b + 1) * block_size))
             width = piece.stop - piece.start

@@ -5,8 +5,9 @@ every query row, decode or prefill, runs Ember's C kernel, which reads its seque
 with one arithmetic for all rows: how the scheduler chunked, batched or prefix-cached a prompt never
 changes a token's attention (SDPA's causal and masked paths round differently, which flipped greedy
 near-ties). The kernel keeps K transposed within each block, `[num_blocks, num_kv_heads, head_dim,
-block_size]`, so a block's scores are plain vector multiply-adds across its keys. Elsewhere (CUDA, other dtypes) decodes gather whole blocks with `index_select` into one
-padded SDPA call and prefill chunks gather their context for SDPA's flash kernels.
+block_size]`, so a block's scores are plain vector multiply-adds across its keys. Elsewhere (CUDA,
+other dtypes) decodes gather whole blocks with `index_select` into one padded SDPA call and prefill
+chunks gather their context for SDPA's flash kernels.
 """
 
 from __future__ import annotations
