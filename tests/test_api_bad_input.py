@@ -166,3 +166,69 @@ def test_repetition_penalty_that_would_overflow_is_a_400(server):
     error = _check(server.post("/v1/chat/completions", chat(repetition_penalty=1e-300)), "repetition_penalty")
     assert "0.01" in error["message"]
     assert server.post("/v1/chat/completions", chat(repetition_penalty=0.01)).status_code == 200
+
+
+# a bounded fuzz: every top-level field of both endpoints at every kind of wrong or extreme value
+FUZZ_VALUES = ["x", "", 1.5, -1, 0, 10**30, -(10**30), 1e308, -1e-45, True, None, [], {}, [None], {"a": LONE},
+               LONE, json.loads("[" * 150 + "]" * 150)]
+
+
+@pytest.mark.parametrize("path,model", [("/v1/chat/completions", "ChatCompletionRequest"),
+                                        ("/v1/completions", "CompletionRequest")])
+def test_fuzzed_fields_never_cost_a_5xx(server, path, model):
+    """Never a 5xx; a 4xx always in the error shape, naming the fuzzed field; the server idle after."""
+    from ember.api import protocol
+
+    schema = getattr(protocol, model)
+    fields = sorted({f.alias or name for name, f in schema.model_fields.items()} | set(schema.not_yet))
+    base = chat(max_tokens=1) if "chat" in path else completion(max_tokens=1)
+    failures = []
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for field in fields:
+            for value in FUZZ_VALUES:
+                body = {**base, field: value}
+                if field in ("max_tokens", "max_completion_tokens"):
+                    if value is None or value == 10**30:
+                        continue  # valid, and a generation as long as the context: not what this is about
+                    body = {**{k: v for k, v in base.items() if k != "max_tokens"}, field: value}
+                r = client.post(path, **_wire(body))
+                error = r.json().get("error") if r.status_code >= 400 else None
+                param = (error or {}).get("param") or ""
+                named = param == field or param.startswith((f"{field}.", f"{field}["))
+                if r.status_code >= 500 or (error is not None and (set(error) != {"message", "type", "param", "code"}
+                                                                    or not named)):
+                    failures.append((field, repr(value)[:40], r.status_code, r.text[:200]))
+    assert not failures, "\n".join(map(str, failures))
+    stats = server.wait_idle()
+    assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0, stats
+
+
+# the objects inside a chat request: (where, how a value gets there, its model in ember.api.protocol)
+NESTED = [
+    ("messages[0]", lambda kv: {"messages": [{"role": "user", "content": "Hi", **kv}]}, "ChatMessage"),
+    ("tools[0].function", lambda kv: {"tools": [{"type": "function", "function": {"name": "f", **kv}}]},
+     "FunctionDef"),
+    ("response_format", lambda kv: {"response_format": {"type": "json_object", **kv}}, "ResponseFormat"),
+    ("stream_options", lambda kv: {"stream": True, "stream_options": kv}, "StreamOptions"),
+]
+
+
+@pytest.mark.parametrize("where,place,model", NESTED, ids=[w for w, _, _ in NESTED])
+def test_fuzzed_nested_fields_never_cost_a_5xx(server, where, place, model):
+    from ember.api import protocol
+
+    schema = getattr(protocol, model)
+    fields = sorted({f.alias or name for name, f in schema.model_fields.items()} | set(schema.not_yet))
+    failures = []
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for field in fields:
+            for value in FUZZ_VALUES:
+                r = client.post("/v1/chat/completions", **_wire({**chat(max_tokens=1), **place({field: value})}))
+                error = r.json().get("error") if r.status_code >= 400 and r.content else None
+                param = (error or {}).get("param") or ""
+                if r.status_code >= 500 or (error is not None and (set(error) != {"message", "type", "param", "code"}
+                                                                    or not param.startswith(f"{where}.{field}"))):
+                    failures.append((field, repr(value)[:40], r.status_code, r.text[:200]))
+    assert not failures, "\n".join(map(str, failures))
+    stats = server.wait_idle()
+    assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0, stats

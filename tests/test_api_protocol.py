@@ -138,6 +138,12 @@ UNSUPPORTED = [
     ({"web_search_options": {}}, "web_search_options"), ({"moderation": {"model": "m"}}, "moderation"),
     ({"prompt_cache_options": {"mode": "explicit"}}, "prompt_cache_options.mode"),
     ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].custom"),
+    ({"tools": [FORECAST], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "Forecast"}}]}}}, "tool_choice.allowed_tools"),
+    ({"tools": [FORECAST], "tool_choice": {"type": "custom", "custom": {"name": "Forecast"}}}, "tool_choice.custom"),
+    ({"messages": [*CHAT, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "custom", "custom": {"name": "f", "input": "x"}}]}]}, "messages[1].tool_calls[0].custom"),
 ]
 COMPLETION_NEUTRAL = [{"best_of": 1}, {"best_of": None}, {"suffix": ""}, {"suffix": None},
                       {"safety_identifier": "u"}, {"prompt_cache_retention": "in_memory"}]

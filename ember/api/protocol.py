@@ -208,6 +208,8 @@ class FunctionDef(_Strict):
 
 
 class ToolDef(_Strict):
+    not_yet: ClassVar[dict[str, tuple]] = {"custom": ()}  # OpenAI's free-form custom tools
+
     type: Literal["function"]
     function: FunctionDef
 
@@ -218,6 +220,9 @@ class FunctionChoiceName(_Strict):
 
 class FunctionChoice(_Strict):
     """`{"type": "function", "function": {"name": ...}}` (OpenAI) or `{"type": "function", "name": ...}`."""
+
+    # OpenAI's choice of a subset of the tools, and of a custom tool
+    not_yet: ClassVar[dict[str, tuple]] = {"allowed_tools": (), "custom": ()}
 
     type: Literal["function"]
     function: FunctionChoiceName | None = None

@@ -18,6 +18,7 @@ ANY_OBJECT = {"type": "object"}
 class ResponseFormat(Protocol):
     type: str
     grammar: str | None
+    json_schema: dict[str, Any] | str | None
 
     def schema_source(self) -> dict[str, Any] | str | None: ...
 
@@ -32,7 +33,11 @@ def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
 
 
 def _param(fmt: ResponseFormat) -> str:
-    return f"response_format.{fmt.type if fmt.type in ('json_schema', 'grammar') else 'schema'}"
+    """The field that holds what is compiled (a json_object may carry its schema in either field)."""
+    if fmt.type == "grammar":
+        return "response_format.grammar"
+    return "response_format.json_schema" if fmt.type == "json_schema" or fmt.json_schema is not None \
+        else "response_format.schema"
 
 
 def response_format_grammar(backend: Backend, fmt: ResponseFormat | None) -> Grammar | None:
