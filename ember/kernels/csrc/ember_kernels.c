@@ -838,9 +838,11 @@ typedef float v16f __attribute__((vector_size(64), aligned(4)));
  * V is cached as written ([blocks, block_size, kv_heads, dim]) and summed into dim / 16 vectors. D is the
  * head size (a constant from the caller where it is a common one, so the accumulators stay in registers).
  * Every row runs this same arithmetic, so a token's attention does not depend on how the scheduler
- * chunked, batched or cached its prompt. Tasks per head rather than per kv head balance the threads even
- * for a single decode. */
-static inline __attribute__((always_inline)) void attn_core16(const attn_job *j, int64_t b, int64_t h, int64_t D) {
+ * chunked, batched or cached its prompt (the multiply-adds are fused where the clone's ISA has FMA: the same
+ * for every row on one machine). Tasks per head rather than per kv head balance the threads even for a
+ * single decode. */
+#define FMA_OK __attribute__((optimize("fp-contract=fast")))  /* multiply-adds fused where the ISA has them */
+static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_job *j, int64_t b, int64_t h, int64_t D) {
     int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
     const float *restrict q = j->q + b * j->q_stride + h * D;
     const int64_t *table = j->tables + j->row_seq[b] * j->max_blocks;
@@ -919,7 +921,7 @@ static void attn_core_any(const attn_job *j, int64_t b, int64_t h) {
     memcpy(j->out + (b * j->heads + h) * D, acc, (size_t)D * sizeof(float));
 }
 
-MULTIVERSION static void attn_row(const attn_job *j, int64_t b, int64_t h) {
+MULTIVERSION FMA_OK static void attn_row(const attn_job *j, int64_t b, int64_t h) {
     int64_t len = j->lens[b];
     if (len > score_cap) {
         float *grown = realloc(score_buf, (size_t)len * sizeof(float));
