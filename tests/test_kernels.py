@@ -111,8 +111,9 @@ def test_isa_reported():
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_rows_do_not_depend_on_the_batch(isa, qtype):
-    """A row's product is bit-identical alone, in a batch of 3 (one-row kernel), 13 (8-row kernel) or
-    37 (16-row kernel, where the CPU has AVX-512)."""
+    """A row's product is bit-identical alone, in a batch of 3 (one-row kernel), 6 (8-row kernel), 13 (8-row
+    kernel, or AMX tiles from 9 rows) or 37 (16-row kernel where the CPU has AVX-512, AMX tiles where it
+    has AMX)."""
     raw, _, x = case(qtype, 37, 512, 37, seed=int(qtype))
     args = (int(qtype), torch.from_numpy(raw), 512)
     xt = torch.from_numpy(x)
@@ -120,6 +121,7 @@ def test_rows_do_not_depend_on_the_batch(isa, qtype):
     for i in range(37):
         assert torch.equal(cpu.qmatmul(xt[i:i + 1], *args), together[i:i + 1]), (isa, i)
     assert torch.equal(cpu.qmatmul(xt[4:7], *args), together[4:7])
+    assert torch.equal(cpu.qmatmul(xt[10:16], *args), together[10:16])
     assert torch.equal(cpu.qmatmul(xt[20:33], *args), together[20:33])
 
 

@@ -708,9 +708,11 @@ static _Thread_local int64_t q8_cap;
 static _Thread_local void *packed_buf;  /* block_q8x8 or block_q8x16 groups */
 static _Thread_local size_t packed_cap;
 
-/* from this many activation rows on, the 8-row interleaved kernel runs, and from 16 the 16-row one */
+/* from this many activation rows on, the 8-row interleaved kernel runs, and from 16 the 16-row one; on AMX
+ * from 9 (measured: two groups of 8 on the vector unit lose to one padded tile of 16) */
 #define GEMM8_MIN_ROWS 4
 #define GEMM16_MIN_ROWS 16
+#define AMX_MIN_ROWS 9
 
 /* y[m, n_out] (row stride ldy) (+)= x[m, k] (row stride ldx) @ W^T (+ bias), W being n_out rows of packed
  * blocks; `accumulate` adds to y (a residual) instead of overwriting it. Returns 0, -1 for a type or
@@ -726,7 +728,8 @@ int ember_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n_out, 
     }
     block_q8 *xq = q8_buf;
     int64_t nb = k / 32;
-    int interleave = best_gemm8 && m >= GEMM8_MIN_ROWS, wide = interleave && best_gemm16 && m >= GEMM16_MIN_ROWS;
+    int interleave = best_gemm8 && m >= GEMM8_MIN_ROWS;
+    int wide = interleave && best_gemm16 && m >= (amx.gemm ? AMX_MIN_ROWS : GEMM16_MIN_ROWS);
     int group = !interleave ? 0 : wide ? 16 : 8;
     int64_t chunks = group ? (m + group - 1) / group : m;
     if (group) {
