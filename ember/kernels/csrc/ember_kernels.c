@@ -827,6 +827,7 @@ typedef struct {
     int64_t q_stride, heads, kv_heads, dim, block_size, max_blocks;
     float scale;
     float *out;
+    int per_kv_head;  /* a task per (row, kv head) rather than per (row, head) */
 } attn_job;
 
 static _Thread_local float *score_buf;
@@ -842,8 +843,7 @@ typedef float v16f __attribute__((vector_size(64), aligned(4)));
  * head size (a constant from the caller where it is a common one, so the accumulators stay in registers).
  * Every row runs this same arithmetic, so a token's attention does not depend on how the scheduler
  * chunked, batched or cached its prompt (the multiply-adds are fused where the clone's ISA has FMA: the same
- * for every row on one machine). Tasks per head rather than per kv head balance the threads even for a
- * single decode. */
+ * for every row on one machine). */
 #define FMA_OK __attribute__((optimize("fp-contract=fast")))  /* multiply-adds fused where the ISA has them */
 static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_job *j, int64_t b, int64_t h, int64_t D) {
     int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
@@ -938,9 +938,16 @@ MULTIVERSION FMA_OK static void attn_row(const attn_job *j, int64_t b, int64_t h
     else attn_core16(j, b, h, j->dim);
 }
 
+/* task: one query row and head, or (with enough rows to balance the threads) one row and kv head, whose
+ * query heads then run back to back on the keys and values one thread just brought into its cache */
 static void attn_task(void *ctx, int64_t task) {
     const attn_job *j = ctx;
-    attn_row(j, task / j->heads, task % j->heads);
+    if (!j->per_kv_head) {
+        attn_row(j, task / j->heads, task % j->heads);
+        return;
+    }
+    int64_t group = j->heads / j->kv_heads, b = task / j->kv_heads, kvh = task % j->kv_heads;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) attn_row(j, b, h);
 }
 
 /* out[i, h, :] = softmax(q[i, h] . K^T * scale) V for every query row i (rows q_stride apart), K / V being
@@ -951,9 +958,10 @@ static void attn_task(void *ctx, int64_t task) {
 void ember_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                      const int64_t *tables, const int64_t *row_seq, const int64_t *lens, int64_t rows, int64_t heads,
                      int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, float scale, float *out) {
+    int per_kv_head = rows * kv_heads >= 4 * (pool.n_workers + 1);
     attn_job j = {q, k_cache, v_cache, tables, row_seq, lens, q_stride, heads, kv_heads, dim, block_size, max_blocks,
-                  scale, out};
-    parallel_for(attn_task, &j, rows * heads);
+                  scale, out, per_kv_head};
+    parallel_for(attn_task, &j, rows * (per_kv_head ? kv_heads : heads));
 }
 
 /* ---- the small per-layer operations, fused (one call instead of 5-20 torch ops each) --------------- */
