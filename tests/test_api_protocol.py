@@ -12,6 +12,20 @@ from enum import StrEnum
 
 import openai
 import pytest
+from fireworks.types import completion_create_params as fw_completion
+from fireworks.types.chat import completion_create_params as fw_chat
+from fireworks.types.shared_params.chat_message import ChatMessage as FwMessage
+from openai.types import completion_create_params as oa_completion
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionDeveloperMessageParam,
+    ChatCompletionFunctionMessageParam,
+    ChatCompletionMessage,
+    ChatCompletionSystemMessageParam,
+    ChatCompletionToolMessageParam,
+    ChatCompletionUserMessageParam,
+)
+from openai.types.chat import completion_create_params as oa_chat
 from pydantic import BaseModel, Field
 
 from tests.server import MODEL
@@ -280,3 +294,38 @@ def test_a_reply_cut_mid_character_holds_the_partial_bytes_back(server, tokenize
                    for c in choices)
     assert [t for c in choices for t in c.get("token_ids") or []] == [first]
     assert text == "" and choices[-1]["finish_reason"] == "length"
+
+
+def _sdk_fields(*typed_dicts: type) -> set[str]:
+    return {k for td in typed_dicts for base in td.__mro__ for k in getattr(base, "__annotations__", {})}
+
+
+def _sdk_request_fields() -> list[tuple[str, str]]:
+    """(path, field) for every request field of the openai and fireworks-ai SDKs' create params."""
+    chat = _sdk_fields(oa_chat.CompletionCreateParamsNonStreaming, fw_chat.CompletionCreateParamsNonStreaming)
+    text = _sdk_fields(oa_completion.CompletionCreateParamsNonStreaming,
+                       fw_completion.CompletionCreateParamsNonStreaming)
+    required = {"model", "messages", "prompt"}
+    return [("/v1/chat/completions", f) for f in sorted(chat - required)] + \
+        [("/v1/completions", f) for f in sorted(text - required)]
+
+
+@pytest.mark.parametrize("path,field", _sdk_request_fields())
+def test_every_sdk_request_field_is_known(server, path, field):
+    """At null (neutral for all but a few non-nullable ones, which are then a type error): never unknown."""
+    limit = "max_completion_tokens" if field == "max_tokens" else "max_tokens"
+    body = {"model": MODEL, limit: 1, field: None, **({"messages": CHAT} if "chat" in path else {"prompt": "Hi"})}
+    r = server.post(path, body)
+    assert r.status_code == 200 or r.json()["error"]["code"] != "unknown_field", r.text
+
+
+def test_every_sdk_message_field_is_known(server):
+    """Every field of every message type of both SDKs, and of the SDK's response message (model_dump)."""
+    fields = _sdk_fields(ChatCompletionAssistantMessageParam, ChatCompletionDeveloperMessageParam,
+                         ChatCompletionFunctionMessageParam, ChatCompletionSystemMessageParam,
+                         ChatCompletionToolMessageParam, ChatCompletionUserMessageParam, FwMessage)
+    fields |= set(ChatCompletionMessage.model_fields)
+    message = {"role": "assistant", "content": "Hello", **{f: None for f in fields - {"role", "content"}}}
+    body = {"model": MODEL, "max_tokens": 1, "messages": [*CHAT, message, *CHAT]}
+    r = server.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text

@@ -44,8 +44,9 @@ def check_json(value: Any) -> None:
                     raise FieldError(_where((*path, key)), "keys must be valid Unicode text: this one holds "
                                                            "a lone UTF-16 surrogate")
                 stack.append((child, (*path, key), depth + 1))
-        else:
-            stack.extend((child, (*path, i), depth + 1) for i, child in enumerate(item))
+        else:  # token ids and numbers need no look (a long prompt of ids stays cheap)
+            stack.extend((child, (*path, i), depth + 1) for i, child in enumerate(item)
+                         if isinstance(child, str | dict | list))
 
 
 def loads(text: str, field: str) -> Any:
