@@ -162,6 +162,14 @@ def test_non_finite_json_literals_are_400s(server, field, literal):
     _check(r, field)
 
 
+def test_numbers_too_long_to_convert_are_400s(server):
+    """CPython's int() refuses more than 4300 digits: in a logit_bias key, and in the body itself."""
+    _check(server.post("/v1/completions", completion(logit_bias={"9" * 5000: 1})), "logit_bias")
+    raw = json.dumps(completion(seed="X")).replace('"X"', "9" * 5000).encode()
+    r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    _check(r, None, "invalid_body")
+
+
 def test_repetition_penalty_that_would_overflow_is_a_400(server):
     error = _check(server.post("/v1/chat/completions", chat(repetition_penalty=1e-300)), "repetition_penalty")
     assert "0.01" in error["message"]
@@ -170,7 +178,7 @@ def test_repetition_penalty_that_would_overflow_is_a_400(server):
 
 # a bounded fuzz: every top-level field of both endpoints at every kind of wrong or extreme value
 FUZZ_VALUES = ["x", "", 1.5, -1, 0, 10**30, -(10**30), 1e308, -1e-45, True, None, [], {}, [None], {"a": LONE},
-               LONE, json.loads("[" * 150 + "]" * 150)]
+               {"9" * 5000: 1}, LONE, json.loads("[" * 150 + "]" * 150)]
 
 
 @pytest.mark.parametrize("path,model", [("/v1/chat/completions", "ChatCompletionRequest"),

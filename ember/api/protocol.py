@@ -299,7 +299,8 @@ class GenerationRequest(_Strict):
                              "max_tokens may be 0 only with echo or echo_last (to score the prompt)")
         if self.top_logprobs and self.logprobs in (None, False):
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
-        if any(not (k.isascii() and k.isdigit()) for k in self.logit_bias or {}):
+        # a token id has at most 10 digits; int() refuses past 4300 (CPython's guard against quadratic parsing)
+        if any(not (k.isascii() and k.isdigit() and len(k) <= 10) for k in self.logit_bias or {}):
             raise FieldError("logit_bias", "logit_bias keys must be token ids (decimal integers as strings)")
         return self
 
