@@ -13,30 +13,39 @@ _SCHEMA_ONE = ("additionalProperties", "items", "additionalItems", "not", "if", 
                "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 
 
-def map_schema(schema: Any, fn: Callable[[dict, str | None], dict], keyword: str | None = None) -> Any:
-    """A copy of `schema` with `fn(subschema, the keyword it sits under)` applied to every subschema,
-    innermost first. Values that are data (`const`, `enum`, `default`, ...) are never visited."""
+# fn(subschema, the keyword it sits under, the schema holding that keyword): the new subschema
+SchemaFn = Callable[[dict, str | None, dict | None], dict]
+
+
+def map_schema(schema: Any, fn: SchemaFn, keyword: str | None = None, parent: dict | None = None) -> Any:
+    """A copy of `schema` with `fn` applied to every subschema, innermost first. Values that are data
+    (`const`, `enum`, `default`, ...) are never visited."""
     if not isinstance(schema, dict):
         return schema  # a boolean schema
     out = dict(schema)
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {k: map_schema(v, fn, key) for k, v in value.items()}
+            out[key] = {k: map_schema(v, fn, key, schema) for k, v in value.items()}
         elif (key in _SCHEMA_LISTS or key in _SCHEMA_ONE) and isinstance(value, list):
-            out[key] = [map_schema(v, fn, key) for v in value]
+            out[key] = [map_schema(v, fn, key, schema) for v in value]
         elif key in _SCHEMA_ONE:
-            out[key] = map_schema(value, fn, key)
-    return fn(out, keyword)
+            out[key] = map_schema(value, fn, key, schema)
+    return fn(out, keyword, parent)
 
 
-def _close(schema: dict, keyword: str | None) -> dict:
+def _lists_keys(schema: dict) -> bool:
+    return "properties" in schema or "patternProperties" in schema
+
+
+def _close(schema: dict, keyword: str | None, parent: dict | None) -> dict:
     """Objects that list their keys admit no others unless they say so. Left alone: free-form objects
-    (no keys listed: `{"type": "object"}` is any object) and objects combined with others (`allOf`,
-    `$ref` siblings), whose keys the other parts may add."""
-    lists_keys = "properties" in schema or "patternProperties" in schema
+    (no keys listed: `{"type": "object"}` is any object) and objects combined with others, whose keys
+    the other parts may add: `allOf` members, `anyOf`/`oneOf` members beside listed keys, and objects
+    with a `$ref` or such members beside their own keys."""
     open_by_omission = "additionalProperties" not in schema and "unevaluatedProperties" not in schema
-    combined = keyword == "allOf" or "allOf" in schema or "$ref" in schema
-    if lists_keys and open_by_omission and not combined:
+    combined = keyword == "allOf" or (keyword in ("anyOf", "oneOf") and parent is not None and _lists_keys(parent)) \
+        or any(k in schema for k in ("allOf", "anyOf", "oneOf", "$ref"))
+    if _lists_keys(schema) and open_by_omission and not combined:
         return {**schema, "additionalProperties": False}
     return schema
 
@@ -50,7 +59,7 @@ def close_objects(schema: Any) -> Any:
 def rebase_refs(schema: Any, pointer: str) -> Any:
     """`schema` for use at `pointer` (a URI fragment like `#/properties/arguments`) of a larger
     schema: its local refs (`#/$defs/X`, `#`) are made to point into its new place."""
-    def rebase(node: dict, _: str | None) -> dict:
+    def rebase(node: dict, *_: object) -> dict:
         ref = node.get("$ref")
         return {**node, "$ref": pointer + ref[1:]} if isinstance(ref, str) and ref.startswith("#") else node
 
