@@ -77,13 +77,15 @@ def test_bundled_config_equals_transformers(bundled, hf_reference):
     assert bundled.generation_config == {} and bundled.path == default_model_path()
 
 
-def test_bundled_cold_load_time(capsys):
-    """A fresh process, as the server's cold start sees it; printed, not asserted (machine load varies)."""
+def test_bundled_cold_load(capsys):
+    """A fresh process, as the server's cold start sees it, loads every tensor of the bundled model packed; the
+    time is printed, not asserted (machine load varies)."""
     script = ("import time; t0 = time.perf_counter(); import torch; from ember.models.loader import load_weights; "
-              "t1 = time.perf_counter(); load_weights(None); t2 = time.perf_counter(); "
-              "print(f'{t1 - t0:.2f} {t2 - t1:.2f}')")
+              "t1 = time.perf_counter(); w = load_weights(None, packed=True); t2 = time.perf_counter(); "
+              "print(f'{t1 - t0:.2f} {t2 - t1:.2f} {len(w.tensors)} {w.config.num_layers}')")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
-    imports, load = out.stdout.split()
+    imports, load, tensors, layers = out.stdout.split()
+    assert (int(tensors), int(layers)) == (9 * 30 + 2, 30)  # 9 a layer, the embedding and the final norm
     with capsys.disabled():
         print(f"\n[loader] bundled Q4_1 model, fresh process: imports {imports} s, load_weights {load} s")
 

@@ -52,7 +52,9 @@ def test_weights_equal_transformers(hf_model, ember_model):
 @pytest.mark.parametrize("messages", PROMPTS)
 def test_logits_and_greedy_tokens_equal_transformers(hf_model, ember_model, messages):
     weights, tokenizer = ember_model
-    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_num_batched_tokens=16), weights, tokenizer.eos_token_ids)
+    # float32 on the CPU, pinned: "auto" would mean bfloat16 on a CUDA machine, outside the 1e-4 bound
+    engine = LLMEngine(EngineConfig(device="cpu", weights="float32", num_kv_blocks=64, max_num_batched_tokens=16),
+                       weights, tokenizer.eos_token_ids)
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
     with torch.no_grad():
         ref_logits = hf_model(torch.tensor([prompt])).logits[0, -1]

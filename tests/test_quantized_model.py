@@ -109,7 +109,7 @@ def test_perplexity_within_one_percent_and_greedy_choices_agree(models):
 def generate(weights: str, prompts: list[list[int]], together: bool) -> list[list[int]]:
     packed = weights == "quantized"
     loaded, _ = load_model(None, torch.float32, packed=packed)
-    engine = LLMEngine(EngineConfig(weights=weights), loaded, [])
+    engine = LLMEngine(EngineConfig(device="cpu", weights=weights), loaded, [])
     outputs: dict[str, list[int]] = {}
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for i, ids in enumerate(prompts):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +79,8 @@ def tok() -> Tokenizer:
     return Tokenizer.load(GGUF)
 
 
-def test_load_time_and_metadata(tok):
-    start = time.perf_counter()
+def test_load_metadata(tok):
     fresh = Tokenizer.load(GGUF)
-    elapsed = time.perf_counter() - start
-    print(f"\nTokenizer.load({GGUF.name}): {elapsed * 1000:.0f} ms")
-    assert elapsed < 1.0
     assert fresh.vocab_size == 49152
     assert fresh.bos_token_id == 1 and fresh.add_bos is False
     assert fresh.eos_token_ids == [2]  # <|im_end|>; not <|endoftext|> or the other 15 specials

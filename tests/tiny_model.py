@@ -55,6 +55,7 @@ def weights_of(model: torch.nn.Module) -> LoadedWeights:
 
 
 def make_engine(weights: LoadedWeights, **config) -> LLMEngine:
+    config.setdefault("device", "cpu")  # the parity bounds are float32's, which "auto" is only on a CPU
     config.setdefault("num_kv_blocks", 256)
     config.setdefault("block_size", 4)
     return LLMEngine(EngineConfig(**config), weights, [EOS])
