@@ -81,6 +81,59 @@ def test_prefix_cache_hit_reports_cached_tokens_and_same_output(weights):
     assert engine.stats()["cached_tokens"] == 28
 
 
+def _cached_tokens(engine, rid: str, prompt: list[int], params) -> tuple[int, list[int]]:
+    """(prompt tokens served from the cache, generated tokens) of one request run alone."""
+    engine.add_request(rid, prompt, params)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    return outs[-1].num_cached_tokens, [t for o in outs for t in o.token_ids]
+
+
+def test_isolation_keys_never_share_blocks(weights):
+    engine = make_engine(weights, block_size=4)
+    prompt = _prompt(random.Random(11), 30)
+    cold, first = _cached_tokens(engine, "a", prompt, greedy(6, cache_salt="tenant-a"))
+    other, second = _cached_tokens(engine, "b", prompt, greedy(6, cache_salt="tenant-b"))
+    default, third = _cached_tokens(engine, "c", prompt, greedy(6))
+    same, fourth = _cached_tokens(engine, "d", prompt, greedy(6, cache_salt="tenant-a"))
+    assert (cold, other, default, same) == (0, 0, 0, 28)
+    assert first == second == third == fourth
+
+
+def test_prompt_cache_max_len_bounds_reads_and_writes(weights):
+    engine = make_engine(weights, block_size=4)
+    prompt = _prompt(random.Random(12), 30)
+    assert _cached_tokens(engine, "a", prompt, greedy(2, prompt_cache_max_len=0))[0] == 0
+    assert _cached_tokens(engine, "b", prompt, greedy(2))[0] == 0  # "a" stored nothing
+    assert _cached_tokens(engine, "c", prompt, greedy(2, prompt_cache_max_len=0))[0] == 0  # reads nothing
+    assert _cached_tokens(engine, "d", prompt, greedy(2, prompt_cache_max_len=10))[0] == 8  # 2 whole blocks
+    fresh = _prompt(random.Random(13), 30)
+    _cached_tokens(engine, "e", fresh, greedy(2, prompt_cache_max_len=10))  # stores its first 2 blocks only
+    assert _cached_tokens(engine, "f", fresh, greedy(2))[0] == 8
+
+
+def test_block_digests_are_a_salted_sha256_chain(weights):
+    """Block keys are SHA-256 over the parent digest and the block's tokens: no crafted prompt can make two
+    different prefixes (or namespaces) meet, as Python's hash() of int tuples allowed."""
+    import hashlib
+    from array import array
+
+    engine = make_engine(weights, block_size=4)
+    prompt = _prompt(random.Random(14), 13)
+    engine.add_request("a", prompt, greedy(4, cache_salt="k"))
+    engine.step()
+    seq = engine.seqs["a"][0]
+    parent = hashlib.sha256(b"ember-kv\0k").digest()
+    expected = []
+    for i in range(3):
+        parent = hashlib.sha256(parent + array("i", prompt[4 * i:4 * i + 4]).tobytes()).digest()
+        expected.append(parent)
+    assert seq.block_hashes[:3] == expected
+    assert all(engine.block_manager.cached[d] == b for d, b in zip(expected, seq.block_table[:3], strict=True))
+    run_all(engine, {})
+
+
 def test_prefix_cache_shares_blocks_between_running_sequences(weights):
     engine = make_engine(weights, block_size=4)
     prompt = _prompt(random.Random(4), 17)
@@ -125,7 +178,7 @@ def test_lru_eviction_reuses_cached_blocks(weights):
     bm = engine.block_manager
     assert bm.num_used_blocks == 0
     assert len(bm.cached) <= bm.num_blocks
-    assert all(bm.block_keys[b] is not None and hash(bm.block_keys[b]) == h for h, b in bm.cached.items())
+    assert all(bm.block_keys[b] == digest for digest, b in bm.cached.items())
 
 
 def test_stop_conditions(weights):

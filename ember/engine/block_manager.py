@@ -1,13 +1,18 @@
 """Paged KV blocks with automatic prefix caching.
 
-A full block is identified by a hash chained over every token before it, so equal prefixes map to
-equal blocks. Blocks are reference counted; a block whose count drops to zero keeps its contents
-and its hash and waits in an LRU free list, where a later request with the same prefix can revive
-it, until the allocator needs it for something else.
+A full block is identified by a SHA-256 digest chained over the digest of the block before it and its
+own token ids, starting from the request's cache namespace (its prompt_cache_isolation_key), so equal
+prefixes in one namespace map to equal blocks and nothing else does: Python's hash() of a tuple of ints
+can be steered by a crafted prompt into another user's prefix (vLLM moved to SHA-256 for this).
+Blocks are reference counted; a block whose count drops to zero keeps its contents and its digest and
+waits in an LRU free list, where a later request with the same prefix can revive it, until the
+allocator needs it for something else.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from ember.engine.sequence import Sequence
@@ -19,8 +24,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_keys: list[tuple | None] = [None] * num_blocks  # (parent hash, tokens) of full blocks
-        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.block_keys: list[bytes | None] = [None] * num_blocks  # digest of each cached full block
+        self.cached: dict[bytes, int] = {}  # digest -> block id
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
 
     @property
@@ -31,23 +36,29 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def _chain(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple]]:
-        """(hash, key) of seq's first `num_blocks` full blocks, extending the ones already computed
-        (a sequence's tokens never change, so each block is hashed once, not at every commit)."""
+    def _chain(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Digests of seq's first `num_blocks` full blocks, extending the ones already computed (a sequence's
+        tokens never change, so each block is hashed once, not at every commit)."""
         chain, bs = seq.block_hashes, self.block_size
         for i in range(len(chain), num_blocks):
-            key = (chain[-1][0] if chain else 0, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
-            chain.append((hash(key), key))
+            parent = chain[-1] if chain else hashlib.sha256(
+                b"ember-kv\0" + (seq.params.cache_salt or "").encode("utf-8", "surrogatepass")).digest()
+            chain.append(hashlib.sha256(parent + array("i", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()).digest())
         return chain[:num_blocks]
+
+    def _cacheable_blocks(self, seq: Sequence, num_blocks: int) -> int:
+        """How many of the first num_blocks full blocks the request lets the cache read or store."""
+        limit = seq.params.prompt_cache_max_len
+        return num_blocks if limit is None else min(num_blocks, limit // self.block_size)
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of seq, leaving at least one token to compute."""
         if not self.enable_prefix_caching or seq.scores_prompt:  # scoring needs every prompt position
             return []
         hits = []
-        for h, key in self._chain(seq, (seq.num_tokens - 1) // self.block_size):
-            block = self.cached.get(h)
-            if block is None or self.block_keys[block] != key:
+        for digest in self._chain(seq, self._cacheable_blocks(seq, (seq.num_tokens - 1) // self.block_size)):
+            block = self.cached.get(digest)
+            if block is None:
                 break
             hits.append(block)
         return hits
@@ -57,11 +68,10 @@ class BlockManager:
 
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
-        key = self.block_keys[block]
-        if key is not None:  # evicting cached contents
-            h = hash(key)
-            if self.cached.get(h) == block:
-                del self.cached[h]
+        digest = self.block_keys[block]
+        if digest is not None:  # evicting cached contents
+            if self.cached.get(digest) == block:
+                del self.cached[digest]
             self.block_keys[block] = None
         self.ref_counts[block] = 1
         return block
@@ -111,14 +121,15 @@ class BlockManager:
         """Publish blocks that became full (and so immutable) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        first, last = old_computed // self.block_size, seq.num_computed_tokens // self.block_size
+        first = old_computed // self.block_size
+        last = self._cacheable_blocks(seq, seq.num_computed_tokens // self.block_size)
         if last <= first:
             return
-        for i, (h, key) in enumerate(self._chain(seq, last)[first:], start=first):
+        for i, digest in enumerate(self._chain(seq, last)[first:], start=first):
             block = seq.block_table[i]
             if self.block_keys[block] is None:
-                self.block_keys[block] = key
-                self.cached.setdefault(h, block)
+                self.block_keys[block] = digest
+                self.cached.setdefault(digest, block)
 
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; freed blocks keep their cached contents until reused (LRU)."""

@@ -38,6 +38,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: each new token's logprob and the k likeliest
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     grammar: Grammar | None = None  # constrains every sample; it ends when the grammar is complete
+    cache_salt: str | None = None  # prefix-cache namespace (prompt_cache_isolation_key): shared only within it
+    prompt_cache_max_len: int | None = None  # at most this many prompt tokens read from or stored in the cache
 
     @property
     def greedy(self) -> bool:

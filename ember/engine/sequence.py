@@ -27,7 +27,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_hashes: list[tuple[int, tuple]] = field(default_factory=list)  # (chained hash, key) per full block
+    block_hashes: list[bytes] = field(default_factory=list)  # chained SHA-256 digest per full block
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     admitted: bool = False
     index: int = 0  # which of its request's n samples
