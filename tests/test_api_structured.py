@@ -157,12 +157,13 @@ JSON_ASKS = ["Give me a JSON object about a car.", "What is the capital of Franc
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_json_object_mode_answers_are_objects(server, path):
     """Free JSON mode at temperature 1: an object may be cut off by max_tokens (finish "length"), but every
-    answer that ended by itself parses to a dict, and most do end."""
+    answer that ended by itself parses to a dict, and most do end (16 seeded samples, so that "most" does not
+    hang on one sample's luck)."""
     finished = total = 0
     for seed, ask in enumerate(JSON_ASKS, start=1):
         prompt = {"messages": [{"role": "user", "content": ask}]} if "chat" in path else {"prompt": f"{ask}\n"}
-        r = server.post(path, {"model": MODEL, **prompt, "response_format": {"type": "json_object"}, "n": 4,
-                               "seed": seed, "temperature": 1, "max_tokens": 150})
+        r = server.post(path, {"model": MODEL, **prompt, "response_format": {"type": "json_object"}, "n": 8,
+                               "seed": seed, "temperature": 1, "max_tokens": 400})
         assert r.status_code == 200, r.text
         for choice in r.json()["choices"]:
             text = choice["message"]["content"] if "chat" in path else choice["text"]
@@ -171,7 +172,7 @@ def test_json_object_mode_answers_are_objects(server, path):
             if choice["finish_reason"] == "stop":
                 finished += 1
                 assert isinstance(json.loads(text), dict), text
-    assert finished >= 0.75 * total, f"{finished} of {total} finished"
+    assert finished > 0.5 * total, f"{finished} of {total} finished"
 
 
 def test_json_object_with_a_schema_is_valid(server):
