@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = config_from_args(EngineConfig, args)
     setup_logging(server.log_level)
     model = load_served_model(engine, server.served_model_name, server.generation_config)
-    app = create_app(ModelRegistry([model]))
+    app = create_app(ModelRegistry([model]), server)
     url = f"http://{server.host}:{server.port}/v1"
     print(f"ember: serving {model.name} on {url}", file=sys.stderr, flush=True)
     http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_config=None,
