@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 import threading
 import types
@@ -52,9 +51,8 @@ def config_from_args(cls: type, args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ember.api.app import create_app
+    from ember.api.server import http_server, install_drain
     from ember.log import setup_logging
     from ember.serving.models import ModelRegistry, load_served_model
 
@@ -65,18 +63,13 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(ModelRegistry([model]), server)
     url = f"http://{server.host}:{server.port}/v1"
     print(f"ember: serving {model.name} on {url}", file=sys.stderr, flush=True)
-    http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_config=None,
-                                         log_level=server.log_level, access_log=False))
-    # The engine loop takes the main thread (torch's CPU kernels are fastest there); HTTP gets another.
+    http = http_server(app, server)
+    # The engine loop takes the main thread (torch's CPU kernels are fastest there); HTTP gets another,
+    # and the engine stops once HTTP has drained (the app's lifespan shuts it down).
     model.engine.reserve_current_thread()
-
-    def stop(*_: object) -> None:
-        http.should_exit = True
-        model.engine.shutdown()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    http_thread = threading.Thread(target=lambda: (http.run(), stop()), name="ember-http", daemon=True)
+    install_drain(app, http, model.engine.shutdown)
+    http_thread = threading.Thread(target=lambda: (http.run(), model.engine.shutdown()), name="ember-http",
+                                   daemon=True)
     http_thread.start()
     model.engine.run()
     http_thread.join(timeout=10)

@@ -16,3 +16,15 @@ class ServerConfig:
     max_waiting_requests: int = 256
     # chat: special-token text in message content is encoded as plain text, never as control tokens
     safe_tokenization: bool = True
+    # access (ember/api/guard.py): keys, comma-separated, or a file of keys / `sha256:<hex>` lines
+    api_key: str | None = None
+    api_key_file: str | None = None
+    allowed_hosts: str | None = None  # Host names answered; default: loopback names when bound to loopback
+    cors_allow_origins: str | None = None  # comma-separated origins browsers may call from; off by default
+    # limits on what a client may hold: body size, slow senders, connections, shutdown
+    max_request_bytes: int = 32 * 2**20
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive, else the connection closes
+    body_timeout: float = 60.0  # seconds for its body, else 408
+    timeout_keep_alive: int = 5  # idle keep-alive connections close after this many seconds
+    max_connections: int | None = None  # open connections + requests before uvicorn answers 503
+    drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish

@@ -28,10 +28,20 @@ def error_body(message: str, param: str | None = None, code: str | None = None,
     return {"error": {"message": _text(message), "type": type_, "param": _text(param), "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    type_ = "invalid_request_error" if status < 500 else "internal_server_error"
-    return JSONResponse(status_code=status, content=error_body(message, param, code, type_))
+# OpenAI's error types by status; other 4xx are invalid_request_error, 5xx internal_server_error
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   retry_after: float | None = None) -> JSONResponse:
+    headers = None if retry_after is None else {"retry-after": str(max(1, round(retry_after)))}
+    return JSONResponse(status_code=status, content=error_body(message, param, code, error_type(status)),
+                        headers=headers)
 
 
 def _param(loc: tuple, field: str | None = None) -> str | None:
@@ -83,12 +93,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, getattr(exc, "retry_after", None))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), None, code)
+        response = error_response(exc.status_code, str(exc.detail), None, code)
+        response.headers.update(exc.headers or {})  # a 405's `allow` (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
