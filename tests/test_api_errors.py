@@ -64,7 +64,6 @@ CHAT_ERRORS = [
      "invalid_value"),
     (chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_parameter"),
     (chat(reasoning_effort=True), 400, "reasoning_effort", "unsupported_parameter"),
-    (chat(safe_tokenization=True), 400, "safe_tokenization", "unsupported_parameter"),
     (chat(images=[]), 400, "images", "unknown_field"),  # completions only
     (chat(prompt_truncate_len=0), 400, "prompt_truncate_len", "invalid_value"),
     (chat(prompt_truncate_len=3), 400, "prompt_truncate_len", "invalid_request_error"),  # cannot fit

@@ -8,7 +8,8 @@ from fastapi.responses import Response
 
 from ember.api.protocol import ChatCompletionRequest
 from ember.api.respond import Shape, new_request_id, respond
-from ember.serving.generate import ChoiceEvent, plan_generation
+from ember.serving.generate import ChoiceEvent, Generation, plan_generation
+from ember.serving.models import ServedModel
 from ember.serving.prompts import chat_prompt
 from ember.serving.structured import response_format_grammar, tools_grammar
 from ember.serving.tools import Tool, ToolCallDelta
@@ -52,18 +53,23 @@ SHAPE = Shape(
 )
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    model = request.app.state.registry.get(body.model)
+def plan_chat(model: ServedModel, body: ChatCompletionRequest, safe_tokenization: bool) -> Generation:
+    """The prompt, the grammar and the sampling plan: CPU work, run in the model's worker threads."""
     mode = body.tool_mode
     tools = [Tool(f.name, f.parameters or NO_ARGUMENTS, f.description) for f in body.function_defs] \
         if mode != "none" else []
     prompt = chat_prompt(model.tokenizer, [m.for_template() for m in body.messages], body.prompt_truncate_len,
-                         tools)
+                         tools, safe_tokenization)
     if tools:
         grammar = tools_grammar(model.structured, tools, mode, body.parallel_tool_calls is not False,
                                 body.forced_function)
     else:
         grammar = response_format_grammar(model.structured, body.response_format)
-    gen = plan_generation(model, body, [prompt], "messages", new_request_id(), grammar, bool(tools))
-    return await respond(request, body, gen, SHAPE)
+    return plan_generation(model, body, [prompt], "messages", new_request_id(), grammar, bool(tools))
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    model = request.app.state.registry.get(body.model)
+    safe = request.app.state.config.safe_tokenization if body.safe_tokenization is None else body.safe_tokenization
+    return await respond(request, body, model, lambda: plan_chat(model, body, safe), SHAPE)

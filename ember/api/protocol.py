@@ -25,7 +25,7 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "reasoning_effort": ("none", False), "reasoning_history": (), "thinking": ({"type": "disabled"},),
 }
 CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {
-    **NOT_YET_SUPPORTED, "safe_tokenization": (False,),
+    **NOT_YET_SUPPORTED,
     # OpenAI's: stored completions, audio in and out, web search, moderation, output length control
     "store": (False,), "modalities": (["text"],), "audio": (), "web_search_options": (), "moderation": (),
     "verbosity": ("medium",),
@@ -353,6 +353,8 @@ class ChatCompletionRequest(GenerationRequest):
     functions: list[FunctionDef] | None = None  # legacy: tools of type function
     function_call: Literal["none", "auto"] | FunctionChoiceName | None = None  # legacy tool_choice
     prompt_cache_options: PromptCacheOptions | None = None
+    # special-token text in messages stays text (None: the server's --safe-tokenization, on by default)
+    safe_tokenization: bool | None = None
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> ChatCompletionRequest:

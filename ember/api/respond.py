@@ -1,4 +1,5 @@
-"""What chat and text completions share: ids, perf headers, the JSON answer or the SSE stream."""
+"""What chat and text completions share: admission, preparation off the event loop, ids, perf
+headers, the JSON answer or the SSE stream."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from ember.api.protocol import GenerationRequest
 from ember.api.sse import stream_response
 from ember.serving.generate import ChoiceEvent, Generation
+from ember.serving.models import ServedModel
 
 # how often a non-streaming request checks whether its client is still there
 _DISCONNECT_POLL_S = 0.2
@@ -55,23 +57,53 @@ def _headers(request: Request, gen: Generation, response_id: str) -> dict[str, s
             "fireworks-sampling-options": json.dumps(gen.sampling_options)}
 
 
-async def respond(request: Request, body: GenerationRequest, gen: Generation, shape: Shape) -> Response:
-    """A JSON answer once every choice finished, or an SSE stream, as the request asked."""
-    response_id = f"{shape.id_prefix}-{gen.request_id}"
-    envelope = {"id": response_id, "created": int(time.time()), "model": body.model,
-                "system_fingerprint": gen.model.fingerprint}
-    top = {"prompt_token_ids": gen.prompts[0].token_ids} \
+async def respond(request: Request, body: GenerationRequest, model: ServedModel,
+                  plan: Callable[[], Generation], shape: Shape) -> Response:
+    """Admits the request (a 429 past the model's running batch and waiting line), runs `plan`
+    (templates, tokenization, grammars) in the model's worker threads, then answers: JSON once every
+    choice finished, or an SSE stream. The request holds its place until its generation ends."""
+    limit = model.max_num_seqs + request.app.state.config.max_waiting_requests
+    ticket = model.admission.admit(limit)
+    try:
+        gen = await model.prepare(plan)
+        if body.stream:  # the stream gives the place back when it ends
+            return _answer_stream(request, body, gen, shape, ticket.release)
+    except BaseException:
+        ticket.release()
+        raise
+    try:
+        return await _answer(request, body, gen, shape)
+    finally:
+        ticket.release()
+
+
+def _envelope(body: GenerationRequest, gen: Generation, shape: Shape) -> dict:
+    return {"id": f"{shape.id_prefix}-{gen.request_id}", "created": int(time.time()), "model": body.model,
+            "system_fingerprint": gen.model.fingerprint}
+
+
+def _top(body: GenerationRequest, gen: Generation, shape: Shape) -> dict:
+    """Top-level fields besides the envelope: chat's one prompt's token ids (return_token_ids)."""
+    return {"prompt_token_ids": gen.prompts[0].token_ids} \
         if body.return_token_ids and not shape.prompt_ids_per_choice else {}
-    headers = _headers(request, gen, response_id)
+
+
+def _choice(gen: Generation, shape: Shape, make: ChunkChoice, ev: ChoiceEvent) -> dict:
+    return {**make(ev), **gen.choice_fields(ev, shape.prompt_ids_per_choice)}
+
+
+def _answer_stream(request: Request, body: GenerationRequest, gen: Generation, shape: Shape,
+                   release: Callable[[], None]) -> Response:
+    envelope = _envelope(body, gen, shape)
+    opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
     perf = (lambda: _perf(gen)) if body.perf_metrics_in_response else None
+    return stream_response(gen, {**envelope, "object": shape.chunk_object},
+                           lambda ev: _choice(gen, shape, shape.delta, ev), opening, _top(body, gen, shape),
+                           body.include_usage_chunk, perf, _headers(request, gen, envelope["id"]), release)
 
-    def choice(make: ChunkChoice, ev: ChoiceEvent) -> dict:
-        return {**make(ev), **gen.choice_fields(ev, shape.prompt_ids_per_choice)}
 
-    if body.stream:
-        opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
-        return stream_response(gen, {**envelope, "object": shape.chunk_object}, lambda ev: choice(shape.delta, ev),
-                               opening, top, body.include_usage_chunk, perf, headers)
+async def _answer(request: Request, body: GenerationRequest, gen: Generation, shape: Shape) -> Response:
+    envelope = _envelope(body, gen, shape)
     task = asyncio.create_task(gen.collect())
     while not task.done():
         await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
@@ -79,8 +111,9 @@ async def respond(request: Request, body: GenerationRequest, gen: Generation, sh
             task.cancel()  # closes the engine streams: their sequences abort and free their KV blocks
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    choices = [choice(shape.choice, ev) for ev in task.result()]
-    content = {**envelope, "object": shape.object, **top, "choices": choices, "usage": gen.usage()}
-    if perf:
-        content["perf_metrics"] = perf()
-    return JSONResponse(content, headers={**headers, **_perf(gen)})
+    choices = [_choice(gen, shape, shape.choice, ev) for ev in task.result()]
+    content = {**envelope, "object": shape.object, **_top(body, gen, shape), "choices": choices,
+               "usage": gen.usage()}
+    if body.perf_metrics_in_response:
+        content["perf_metrics"] = _perf(gen)
+    return JSONResponse(content, headers={**_headers(request, gen, envelope["id"]), **_perf(gen)})

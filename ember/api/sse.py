@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from ember.api.errors import error_body
 from ember.serving.generate import ChoiceEvent, Generation
@@ -22,11 +23,13 @@ def frame(data: dict) -> str:
 
 def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[ChoiceEvent], dict],
                     opening: list[dict], first_extra: dict, include_usage: bool,
-                    perf_metrics: Callable[[], dict] | None, headers: dict[str, str]) -> StreamingResponse:
+                    perf_metrics: Callable[[], dict] | None, headers: dict[str, str],
+                    on_end: Callable[[], None]) -> StreamingResponse:
     """One chunk per event; `first_extra` (top-level fields) rides on the first chunk. The chunk that
     finishes the last choice carries `usage` (Fireworks); with include_usage a final `choices: []`
     chunk repeats it (OpenAI). Starlette cancels this generator when the client disconnects; closing
-    `gen.events()` then aborts the engine sequences at once."""
+    `gen.events()` then aborts the engine sequences at once. `on_end` runs once the events end, and
+    (it must be idempotent) again after the response, for a client that left before the body began."""
     pending_extra = dict(first_extra)
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -53,9 +56,10 @@ def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[Cho
             return
         finally:
             await events.aclose()
+            on_end()
         if include_usage:
             yield chunk([], usage=gen.usage())
         yield DONE
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={**headers, "cache-control": "no-cache"})
+                             headers={**headers, "cache-control": "no-cache"}, background=BackgroundTask(on_end))

@@ -8,6 +8,7 @@ reading only the metadata section of the file (tensor data is never touched).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Encoding, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
 
 from ember.models.gguf_file import read_gguf_metadata
@@ -333,6 +334,12 @@ def _normalize_messages(messages: Sequence[Any]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _encode(backend: _RustTokenizer, text: str) -> Encoding:
+    """One text through the Rust tokenizer, without the GIL: `encode_batch` releases it while it works
+    (`encode` holds it: an 8 MB prompt froze every other thread, the server's event loop included)."""
+    return backend.encode_batch([text], add_special_tokens=False)[0]
+
+
 def _token_content(value: Any) -> str | None:
     """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -370,6 +377,9 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         self._added_content: dict[int, str] = {i: t.content for i, t in added.items()}
+        # how control tokens are spelt in text (e.g. "<|im_start|>"): what safe tokenization neutralises
+        self.special_texts: frozenset[str] = frozenset(self._added_content[i] for i in self.special_ids)
+        self._plain_backend: _RustTokenizer | None = None  # made at the first safe encode (a copy)
         self._token_bytes_cache: dict[int, bytes] = {}
         self._compiled: dict[str, Any] = {}
         decoder = str(backend.decoder)
@@ -521,13 +531,49 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`; special tokens written in it (like <|im_start|>) become their ids."""
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = _encode(self._tk, text).ids
         if add_special_tokens:
             if self.add_bos:
                 ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
             if self.add_eos:
                 ids.append(self.eos_token_ids[0])
         return ids
+
+    def encode_with_plain_spans(self, text: str, plain: Sequence[tuple[int, int]]) -> list[int]:
+        """Ids of `text` (no BOS/EOS added) where special-token text inside the character spans `plain`
+        (sorted, disjoint: what a user typed) is ordinary text, while special tokens elsewhere (a
+        template's) stay control tokens. The tokenizer splits text at special tokens and encodes the
+        pieces between them on their own, so only the pieces that hold such text are encoded again
+        (with specials read as text); every other id is exactly encode()'s."""
+        enc = _encode(self._tk, text)
+        ids, offsets = enc.ids, enc.offsets
+        starts = [a for a, _ in plain]
+
+        def typed(start: int, end: int) -> bool:  # overlaps a span (sorted, disjoint: bisect, not a scan)
+            k = bisect.bisect_left(starts, end) - 1
+            return k >= 0 and plain[k][1] > start
+
+        real = [i for i, t in enumerate(ids) if t in self.special_ids and not typed(*offsets[i])]
+        out: list[int] = []
+        first, start = 0, 0  # the piece after the last real special token: ids[first:], text[start:]
+        for stop in [*real, len(ids)]:
+            piece = ids[first:stop]
+            if any(t in self.special_ids for t in piece):  # special-token text typed inside it
+                end = offsets[stop][0] if stop < len(ids) else len(text)
+                piece = _encode(self._plain_encoder(), text[start:end]).ids
+            out += piece + ids[stop:stop + 1]
+            if stop < len(ids):
+                first, start = stop + 1, offsets[stop][1]
+        return out
+
+    def _plain_encoder(self) -> _RustTokenizer:
+        """A copy of the backend that reads special-token text as text (two threads may both make it
+        at first: the copies are equal)."""
+        if self._plain_backend is None:
+            plain = _RustTokenizer.from_str(self._tk.to_str())
+            plain.encode_special_tokens = True
+            self._plain_backend = plain
+        return self._plain_backend
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD and ids outside the vocabulary are dropped."""

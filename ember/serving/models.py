@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import AsyncEngine, Placement, build_async_engine, resolve_device
 from ember.models.loader import default_model_path, load_model
 from ember.models.tokenizer import Tokenizer
+from ember.serving.admission import Admission
 from ember.serving.errors import RequestError
 from ember.serving.sampling import sampling_defaults
 from ember.structured.backend import Backend
@@ -24,6 +29,11 @@ log = logging.getLogger("ember.serving")
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
+# threads that prepare requests (templates, tokenization, grammars) off the event loop: the tokenizer
+# releases the GIL while it works; more threads would only take cores from the engine
+PREPARE_THREADS = 2
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,15 +47,34 @@ class ServedModel:
     logits_size: int = 0  # the model's output width, which grammar masks must cover (vocab_size if 0)
     created: int = field(default_factory=lambda: int(time.time()))
     fingerprint: str = "fp_unknown"  # OpenAI's system_fingerprint: this model on this build of Ember
+    admission: Admission = field(default_factory=Admission)
+    _workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ember-prepare"))
+    _structured: Backend | None = None
+    _structured_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    @cached_property
+    @property
+    def max_num_seqs(self) -> int:
+        """The running batch's size: admission lets this many requests run and a bounded line wait."""
+        return self.engine.engine.config.max_num_seqs
+
+    async def prepare(self, work: Callable[[], T]) -> T:
+        """Run CPU-heavy request preparation in the model's worker threads, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, work)
+
+    @property
     def structured(self) -> Backend:
-        """Built at the first constrained request (~0.4 s: the vocabulary goes to llguidance)."""
-        return LLGuidanceBackend(self.tokenizer, self.logits_size or self.vocab_size, self.eos_token_ids)
+        """Built at the first constrained request (~0.4 s: the vocabulary goes to llguidance), once
+        even when several workers ask at the same time."""
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = LLGuidanceBackend(self.tokenizer, self.logits_size or self.vocab_size,
+                                                     self.eos_token_ids)
+            return self._structured
 
 
 def served_name_for(model_path: str | None) -> str:
