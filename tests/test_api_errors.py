@@ -34,6 +34,17 @@ CHAT_ERRORS = [
     (chat(max_tokens="5"), 400, "max_tokens", "invalid_value"),
     (chat(max_tokens=5, max_completion_tokens=5), 400, "max_completion_tokens", "invalid_value"),
     (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),
+    # request limits (README): generous, but a request past them is a 400 naming the field
+    (chat(messages=CHAT * 10_001), 400, "messages", "invalid_value"),
+    (chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]), 400, "tools",
+     "invalid_value"),
+    (chat(functions=[{"name": f"f{i}"} for i in range(129)]), 400, "functions", "invalid_value"),
+    (chat(messages=[{"role": "assistant", "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}} for i in range(129)]}, *CHAT]), 400, "messages[0].tool_calls",
+     "invalid_value"),
+    (chat(logit_bias={str(i): 1 for i in range(1025)}), 400, "logit_bias", "invalid_value"),
+    (chat(n=128, max_tokens=8193), 400, "max_tokens", "invalid_value"),
+    (chat(n=2, max_completion_tokens=2**20), 400, "max_completion_tokens", "invalid_value"),
     (chat(stop=5), 400, "stop", "invalid_value"),
     (chat(stream="yes"), 400, "stream", "invalid_value"),
     (chat(context_length_exceeded_behavior="explode"), 400, "context_length_exceeded_behavior",

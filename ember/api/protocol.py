@@ -36,6 +36,13 @@ COMPLETION_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "images":
 MAX_LOGPROBS = 5  # alternatives per position of the legacy integer `logprobs` (Fireworks' and OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
 MIN_REPETITION_PENALTY = 0.01  # below it seen tokens' logits grow past anything meaningful, toward float32 inf
+# Bounds on what one request may ask for, far above real use, so that no request costs unbounded work
+MAX_MESSAGES = 10_000  # OpenAI publishes none; each one is rendered and tokenized
+MAX_TOOLS = 128  # OpenAI's limit, for tools and the legacy functions alike
+MAX_TOOL_CALLS = 128  # calls in one replayed assistant message (OpenAI's limit)
+MAX_STOP = 4  # stop strings (OpenAI's limit)
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_TOTAL_TOKENS = 128 * 8192  # n x max_tokens: all samples of one request together
 
 
 class NotYetSupported(FieldError):
@@ -129,7 +136,7 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[ToolCallMessage] | None = None
+    tool_calls: Annotated[list[ToolCallMessage], Field(max_length=MAX_TOOL_CALLS)] | None = None
     function_call: CalledFunction | None = None  # the legacy form of one tool call
     reasoning_content: str | None = None
     refusal: str | None = None
@@ -253,11 +260,12 @@ class GenerationRequest(_Strict):
     repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None  # token id -> bias
     mirostat_target: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # tau, in bits
     mirostat_lr: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     ignore_eos: bool = False
     # true: OpenAI's format with `top_logprobs` alternatives; an int: the legacy format with that many
@@ -297,6 +305,10 @@ class GenerationRequest(_Strict):
         if self.requested_max_tokens == 0 and not self.wants_echo:
             raise FieldError("max_tokens" if self.max_tokens is not None else "max_completion_tokens",
                              "max_tokens may be 0 only with echo or echo_last (to score the prompt)")
+        if self.n * (self.requested_max_tokens or 0) > MAX_TOTAL_TOKENS:
+            raise FieldError("max_tokens" if self.max_tokens is not None else "max_completion_tokens",
+                             f"n x max_tokens is {self.n * self.requested_max_tokens}; one request may ask "
+                             f"for at most {MAX_TOTAL_TOKENS} tokens in all (lower n or max_tokens)")
         if self.top_logprobs and self.logprobs in (None, False):
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         # a token id has at most 10 digits; int() refuses past 4300 (CPython's guard against quadratic parsing)
@@ -344,13 +356,13 @@ class GenerationRequest(_Strict):
 class ChatCompletionRequest(GenerationRequest):
     not_yet: ClassVar[dict[str, tuple]] = CHAT_NOT_YET_SUPPORTED
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     # drop the oldest non-system messages until the rendered prompt has at most this many tokens
     prompt_truncate_len: Annotated[int, Field(ge=1)] | None = None
-    tools: list[ToolDef] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required", "any"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[FunctionDef] | None = None  # legacy: tools of type function
+    functions: Annotated[list[FunctionDef], Field(max_length=MAX_TOOLS)] | None = None  # legacy tools
     function_call: Literal["none", "auto"] | FunctionChoiceName | None = None  # legacy tool_choice
     prompt_cache_options: PromptCacheOptions | None = None
     # special-token text in messages stays text (None: the server's --safe-tokenization, on by default)
