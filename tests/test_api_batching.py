@@ -84,4 +84,4 @@ def test_tiny_kv_cache_preempts_and_answers_as_if_alone(tiny_server):
     assert together == alone
     assert stats["kv_blocks_used"] == 0 and stats["max_batch_seqs"] > 1
     # 8 x ~55 tokens cannot fit 192 tokens of cache at once: the scheduler had to preempt
-    assert stats.get("preemptions", 1) - before.get("preemptions", 0) > 0
+    assert stats["preemptions"] > before["preemptions"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from fireworks import Fireworks
@@ -26,7 +27,6 @@ def test_response_shape_usage_and_headers(server):
     u = resp.usage
     assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 12
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
-    assert u.prompt_tokens_details.cached_tokens >= 0
     for header in (*PERF_HEADERS, "x-request-id", "fireworks-sampling-options"):
         assert header in raw.headers, header
     assert int(raw.headers["fireworks-prompt-tokens"]) == u.prompt_tokens
@@ -35,6 +35,18 @@ def test_response_shape_usage_and_headers(server):
         float(raw.headers["fireworks-server-time-to-first-token"]) > 0
     assert json.loads(raw.headers["fireworks-sampling-options"]) == {
         "temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0, "typical_p": 1, "max_tokens": 12}
+
+
+def test_cached_tokens_report_the_prefix_cache_hit(server):
+    """A system prompt never sent before: nothing of it can be cached. Sent again, every full 16-token
+    block of the prompt hits, all but the last token (which is always computed again)."""
+    client = server.client()
+    messages = [{"role": "system", "content": f"Session {uuid.uuid4().hex}. Be brief."}, *CHAT]
+    first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+                     for _ in range(2))
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens > 32
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_special_token_text_in_messages_stays_text(server, tokenizer):
