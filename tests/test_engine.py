@@ -222,3 +222,22 @@ def test_seeded_sampling_is_batch_invariant(weights):
     other_seed = run_all(make_engine(weights), {"s": (prompt, SamplingParams(
         temperature=1.0, seed=99, max_tokens=16, ignore_eos=True))})["s"]
     assert other_seed != alone
+
+
+def test_timings_and_step_phases(weights):
+    """Each sample's phases come back in order on its outputs, and every step reports where its time went."""
+    engine = make_engine(weights)
+    steps = []
+    engine.on_step = steps.append
+    engine.add_request("a", _prompt(random.Random(15), 20), greedy(5, n=2))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    for final in [o for o in outs if o.finished]:
+        t = final.timings
+        assert t.arrival <= t.scheduled <= t.first_token <= t.finished
+    assert {o.index for o in outs if o.finished} == {0, 1}
+    assert len(steps) == engine.stats()["steps"] and steps[-1] is engine.last_step
+    for phases in steps:
+        assert min(phases.schedule, phases.prepare, phases.forward, phases.sample, phases.postprocess) >= 0
+        assert phases.forward > 0 and phases.batch >= 1

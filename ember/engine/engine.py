@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,18 @@ class EngineCounters:
     cached_tokens: int = 0
     generated_tokens: int = 0
     requests: int = 0
+
+
+@dataclass
+class StepPhases:
+    """Seconds one step spent in each phase, so that a slow step can be explained (the /metrics histogram)."""
+
+    schedule: float
+    prepare: float  # batch tensors
+    forward: float  # the model, logits included
+    sample: float
+    postprocess: float  # sequence bookkeeping, prefix-cache commits, outputs
+    batch: int  # sequences in the step
 
 
 WEIGHT_FORMATS = ("auto", "quantized", "float32", "bfloat16", "float16")
@@ -105,6 +119,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.seqs: dict[str, dict[int, Sequence]] = {}  # request id -> sample index -> live sequence
         self.counters = EngineCounters()
+        self.last_step: StepPhases | None = None
+        self.on_step: Callable[[StepPhases], None] | None = None  # e.g. metrics; called on the engine thread
         self._seed_rng = random.Random(config.seed)
         log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
                                         "weights": "quantized" if placement.packed else str(dtype),
@@ -186,7 +202,7 @@ class LLMEngine:
         for i in range(1, seq.pending_forks + 1):
             child = Sequence(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
                              self._generator(seq.params, i), index=i, num_cached_tokens=seq.num_cached_tokens,
-                             prompt_logprobs=seq.prompt_logprobs)
+                             prompt_logprobs=seq.prompt_logprobs, timings=dataclasses.replace(seq.timings))
             if seq.num_computed_tokens % self.config.block_size == 0 or self.block_manager.num_free_blocks:
                 copy = self.block_manager.fork(seq, child)
                 if copy:
@@ -205,6 +221,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, mu: float | None) -> StepOutput:
         first = seq.num_output_tokens == 0
+        if first:
+            seq.timings.first_token = time.monotonic()
         seq.token_ids.append(token)
         seq.mirostat_mu = mu
         self.counters.generated_tokens += 1
@@ -213,18 +231,26 @@ class LLMEngine:
         grammar_ended = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_terminated())
         reason = "stop" if grammar_ended else self._finish_reason(seq, token)
         if reason is not None:
+            seq.timings.finished = time.monotonic()
             self._drop(seq)
         prompt = None
         if first and seq.prompt_logprobs is not None:
             prompt, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return StepOutput(seq.request_id, [token], reason is not None, reason, seq.num_prompt_tokens,
-                          seq.num_cached_tokens, seq.index, None if logprob is None else [logprob], prompt)
+                          seq.num_cached_tokens, seq.index, None if logprob is None else [logprob], prompt,
+                          seq.timings)
 
     def step(self) -> list[StepOutput]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        scheduled = time.perf_counter()
+        for item in batch:
+            if item.seq.timings.scheduled is None:
+                item.seq.timings.scheduled = time.monotonic()
         logits = self.runner.run(batch)
+        ran = time.perf_counter()
         c = self.counters
         c.steps += 1
         c.scheduled_seqs += len(batch)
@@ -251,9 +277,17 @@ class LLMEngine:
             for s in (seq, *self._fork(seq)):
                 sampling.append(s)
                 sampling_rows.append(row - 1)
+        sampling_start = sampled = time.perf_counter()
         if sampling:
             out = sample(logits[sampling_rows], sampling)
+            sampled = time.perf_counter()
             outputs += map(self._append, sampling, out.token_ids, out.logprobs, out.mirostat_mu)
+        done = time.perf_counter()
+        prepare = self.runner.last_prepare_seconds
+        self.last_step = StepPhases(scheduled - start, prepare, ran - scheduled - prepare, sampled - sampling_start,
+                                    (sampling_start - ran) + (done - sampled), len(batch))
+        if self.on_step is not None:
+            self.on_step(self.last_step)
         return outputs
 
     def stats(self) -> dict[str, int]:

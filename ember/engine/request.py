@@ -56,6 +56,17 @@ class TokenLogprob:
 
 
 @dataclass
+class RequestTimings:
+    """When a sample went through the engine's phases (time.monotonic()), for perf metrics: waiting for
+    its first schedule, prefill up to its first token, then generation until it finished."""
+
+    arrival: float
+    scheduled: float | None = None  # first scheduled into a step
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
 class StepOutput:
     """New tokens for one sample of a request from one engine step (never zero unless finished)."""
 
@@ -69,3 +80,4 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when params.logprobs is set
     # on a sample's first output, when params.prompt_logprobs is set: one per prompt token, the first None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    timings: RequestTimings | None = None  # the sample's, as of this output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -15,6 +17,7 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
+        self.last_prepare_seconds = 0.0  # of the last run(), for the engine's step phases
         cfg, device = model.config, model.device
         # attention reads the cache in place with the C kernel wherever the model runs its fused C path; the
         # kernel keeps K transposed within each block (see ember.models.attention)
@@ -85,6 +88,8 @@ class ModelRunner:
 
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Logits [sum of the items' num_logit_rows, vocab] in float32, in batch order."""
+        start = time.perf_counter()
         input_ids, positions, meta, logit_rows = self.prepare(batch)
+        self.last_prepare_seconds = time.perf_counter() - start
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         return self.model.logits(hidden[logit_rows])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ember.engine.request import SamplingParams, TokenLogprob
+from ember.engine.request import RequestTimings, SamplingParams, TokenLogprob
 from ember.structured.backend import Matcher
 
 
@@ -36,6 +37,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while the prompt is computed
     prompt_logprobs_sent: bool = False
     matcher: Matcher | None = None  # this sample's place in params.grammar
+    timings: RequestTimings = field(default_factory=lambda: RequestTimings(time.monotonic()))
 
     def __post_init__(self) -> None:
         if self.params.mirostat_target is not None and self.mirostat_mu is None:
