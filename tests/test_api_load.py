@@ -130,11 +130,12 @@ def test_a_burst_past_the_waiting_line_is_refused_at_once(small_server):
 
 
 def test_refusal_is_immediate_and_places_return_on_disconnect(small_server):
-    """While the model is full, each further request (streamed or not) is refused in under 50 ms; closing
-    the admitted streams gives their places back."""
+    """While the model is full (requests of two samples count once each), every further request,
+    streamed or not, is refused in under 50 ms; closing the admitted streams gives their places back."""
     limit = MAX_NUM_SEQS + MAX_WAITING
     with httpx.Client(base_url=small_server.url, timeout=60) as client:
-        streams = [client.stream("POST", "/v1/chat/completions", json=_stream_body(2000)) for _ in range(limit)]
+        streams = [client.stream("POST", "/v1/chat/completions", json={**_stream_body(2000), "n": 2})
+                   for _ in range(limit)]
         responses = [s.__enter__() for s in streams]
         try:
             assert [r.status_code for r in responses] == [200] * limit

@@ -544,7 +544,8 @@ class Tokenizer:
         (sorted, disjoint: what a user typed) is ordinary text, while special tokens elsewhere (a
         template's) stay control tokens. The tokenizer splits text at special tokens and encodes the
         pieces between them on their own, so only the pieces that hold such text are encoded again
-        (with specials read as text); every other id is exactly encode()'s."""
+        (with specials read as text); every other id is exactly encode()'s. (A sentencepiece vocabulary
+        that prefixes the text's start with '▁' also prefixes such a piece: it is encoded on its own.)"""
         enc = _encode(self._tk, text)
         ids, offsets = enc.ids, enc.offsets
         starts = [a for a, _ in plain]
