@@ -49,7 +49,7 @@ def _error(r: httpx.Response, status: int, code: str) -> dict:
 
 def test_api_key_required_everywhere_but_health(locked):
     assert httpx.get(f"{locked.url}/health").status_code == 200
-    for path in ("/v1/models", "/inference/v1/models", "/v1/engine/stats", "/openapi.json"):
+    for path in ("/v1/models", "/inference/v1/models", "/v1/engine/stats", "/openapi.json", "/metrics"):
         error = _error(httpx.get(f"{locked.url}{path}"), 401, "invalid_api_key")
         assert error["type"] == "authentication_error"
     wrong = httpx.post(f"{locked.url}/v1/chat/completions", json=_chat(), headers={"authorization": "Bearer nope"})

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from ember.api import chat, completions, health, models
+from ember.api import chat, completions, health, metrics, models
 from ember.api.config import ServerConfig
 from ember.api.errors import install_error_handlers
 from ember.api.guard import Guard, GuardConfig
@@ -69,11 +69,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
     app.state.registry = registry
     app.state.config = config
     app.state.draining = False
+    app.state.metrics = metrics.Metrics(registry)
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         for router in (chat.router, completions.router, models.router, health.stats_router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
+    app.include_router(metrics.router)
     app.openapi = lambda: _openapi_without_422(app)
     app.add_middleware(Guard, config=GuardConfig.build(config.host, config.allowed_hosts, config.api_key,
                                                        config.api_key_file, config.max_request_bytes,

@@ -294,7 +294,8 @@ class LLMEngine:
         bm = self.block_manager
         return {**vars(self.counters), "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting), "kv_blocks_used": bm.num_used_blocks,
-                "kv_blocks_total": bm.num_blocks, "preemptions": self.scheduler.num_preemptions}
+                "kv_blocks_cached": len(bm.cached), "kv_blocks_total": bm.num_blocks,
+                "preemptions": self.scheduler.num_preemptions}
 
 
 class AsyncEngine:

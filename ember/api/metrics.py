@@ -1,0 +1,82 @@
+"""GET /metrics in Prometheus' text format, through prometheus-client (one registry per app, in
+app.state.metrics: no process-global state). Engine numbers are read from each engine's counters when
+scraped; each engine step's phase times feed a histogram as they happen (engine.on_step, on the engine's
+thread: prometheus-client's metrics are thread-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ember.engine.engine import StepPhases
+from ember.serving.models import ModelRegistry
+
+router = APIRouter()
+
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# (stats key, metric name, help); counters are monotonic engine counters, gauges are read as they are
+COUNTERS = [("prompt_tokens", "ember_prompt_tokens", "prompt tokens computed (not served from the prefix cache)"),
+            ("cached_tokens", "ember_cached_prompt_tokens", "prompt tokens served from the prefix cache"),
+            ("generated_tokens", "ember_generated_tokens", "tokens generated"),
+            ("requests", "ember_engine_requests", "requests the engine accepted"),
+            ("steps", "ember_engine_steps", "engine steps run"),
+            ("preemptions", "ember_preemptions", "sequences preempted for lack of KV blocks")]
+GAUGES = [("num_running", "ember_sequences_running", "sequences in the running batch"),
+          ("num_waiting", "ember_sequences_waiting", "sequences waiting to be scheduled"),
+          ("kv_blocks_used", "ember_kv_blocks_used", "KV blocks held by sequences"),
+          ("kv_blocks_cached", "ember_kv_blocks_cached", "KV blocks holding a cached prefix"),
+          ("kv_blocks_total", "ember_kv_blocks_total", "KV blocks in the cache")]
+
+
+class EngineCollector(Collector):
+    def __init__(self, models: ModelRegistry) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator:
+        stats = {m.name: m.engine.stats() for m in self.models}
+        for key, name, help_ in COUNTERS:
+            family = CounterMetricFamily(name, help_, labels=["model"])
+            for model, s in stats.items():
+                family.add_metric([model], s[key])
+            yield family
+        for key, name, help_ in GAUGES:
+            family = GaugeMetricFamily(name, help_, labels=["model"])
+            for model, s in stats.items():
+                family.add_metric([model], s[key])
+            yield family
+        ratio = GaugeMetricFamily("ember_prefix_cache_hit_ratio", "cached / (cached + computed) prompt tokens",
+                                  labels=["model"])
+        for model, s in stats.items():
+            total = s["cached_tokens"] + s["prompt_tokens"]
+            ratio.add_metric([model], s["cached_tokens"] / total if total else 0.0)
+        yield ratio
+
+
+class Metrics:
+    """The app's registry and the metrics Ember observes as events happen."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(models))
+        self.step_seconds = Histogram("ember_engine_step_seconds", "engine step time by phase",
+                                      ["model", "phase"], buckets=STEP_BUCKETS, registry=self.registry)
+        for m in models:
+            m.engine.engine.on_step = self._step_observer(m.name)
+
+    def _step_observer(self, model: str) -> Callable[[StepPhases], None]:
+        phases = {p: self.step_seconds.labels(model, p) for p in
+                  ("schedule", "prepare", "forward", "sample", "postprocess")}
+
+        def observe(step: StepPhases) -> None:
+            for phase, histogram in phases.items():
+                histogram.observe(getattr(step, phase))
+        return observe
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
