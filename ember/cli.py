@@ -16,6 +16,7 @@ import typing
 
 from ember.api.config import ServerConfig
 from ember.engine.config import EngineConfig
+from ember.store.config import StoreConfig
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -55,12 +56,14 @@ def serve(args: argparse.Namespace) -> int:
     from ember.api.server import http_server, install_drain
     from ember.log import setup_logging
     from ember.serving.models import ModelRegistry, load_served_model
+    from ember.store import Store
 
     server = config_from_args(ServerConfig, args)
     engine = config_from_args(EngineConfig, args)
     setup_logging(server.log_level)
+    store = Store(config_from_args(StoreConfig, args))  # opened (and migrated) before the model loads
     model = load_served_model(engine, server.served_model_name, server.generation_config)
-    app = create_app(ModelRegistry([model]), server)
+    app = create_app(ModelRegistry([model]), server, store)
     url = f"http://{server.host}:{server.port}/v1"
     print(f"ember: serving {model.name} on {url}", file=sys.stderr, flush=True)
     http = http_server(app, server)
@@ -90,6 +93,7 @@ def serve_parser() -> argparse.ArgumentParser:
                                      "(Fireworks- and OpenAI-compatible)")
     add_config_flags(parser, ServerConfig)
     add_config_flags(parser, EngineConfig)
+    add_config_flags(parser, StoreConfig)
     return parser
 
 

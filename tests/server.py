@@ -69,7 +69,8 @@ def _free_port() -> int:
 def launch(*args: str, model: str = MODEL, env: dict | None = None, log: Path | None = None,
            timeout: float = 120.0) -> Iterator[Server]:
     """`python -m ember.cli serve --port <free> *args`, ready once /health answers; killed afterwards.
-    Its output goes to `log` (a pipe nobody reads could fill up and stall the server)."""
+    Its output goes to `log` (a pipe nobody reads could fill up and stall the server), and its store (usage
+    records) into a data directory beside it unless `env` names one."""
     if log is None:
         with tempfile.TemporaryDirectory() as folder, \
                 launch(*args, model=model, env=env, log=Path(folder) / "serve.log", timeout=timeout) as s:
@@ -80,7 +81,8 @@ def launch(*args: str, model: str = MODEL, env: dict | None = None, log: Path | 
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "EMBER_DATA_DIR": str(log.parent / "data"),
+                                     **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         while True:

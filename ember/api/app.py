@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from ember.api import chat, completions, health, metrics, models
+from ember.api import chat, completions, health, metrics, models, usage
 from ember.api.config import ServerConfig
 from ember.api.errors import install_error_handlers
 from ember.api.guard import Guard, GuardConfig
 from ember.serving.models import ModelRegistry
+from ember.store import Store
 
 API_PREFIXES = ("/v1", "/inference/v1")
 # headers a browser script may read from an answer
@@ -52,7 +53,8 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> FastAPI:
+def create_app(registry: ModelRegistry, config: ServerConfig | None = None, store: Store | None = None) -> FastAPI:
+    """`store`: where usage records go and /v1/usage reads them (none: no records, /v1/usage is a 404)."""
     config = config or ServerConfig()
 
     @asynccontextmanager
@@ -64,18 +66,22 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None) -> F
         finally:
             for m in registry:
                 m.engine.shutdown()
+            if store is not None:
+                store.close()  # what is buffered is written first
 
     app = FastAPI(title="Ember", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.registry = registry
     app.state.config = config
     app.state.draining = False
     app.state.metrics = metrics.Metrics(registry)
+    app.state.store = store
     install_error_handlers(app)
     for prefix in API_PREFIXES:
-        for router in (chat.router, completions.router, models.router, health.stats_router):
+        for router in (chat.router, completions.router, models.router, health.stats_router, usage.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
     app.include_router(metrics.router)
+    app.include_router(usage.page_router)
     app.openapi = lambda: _openapi_without_422(app)
     app.add_middleware(Guard, config=GuardConfig.build(config.host, config.allowed_hosts, config.api_key,
                                                        config.api_key_file, config.max_request_bytes,

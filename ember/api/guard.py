@@ -5,7 +5,8 @@ is refused before it is read whole and streamed answers pass through untouched.
 - Host: a server bound to a loopback address answers only requests whose `Host` is a loopback name, so
   a web page in a local browser cannot reach it through DNS rebinding; `--allowed-hosts` widens that.
 - API key: with `--api-key` / `EMBER_API_KEY` (several, comma-separated) or `--api-key-file` (one key, or
-  `sha256:<hex digest>` of a key, a line), every route but `/health` needs `Authorization: Bearer <key>`
+  `sha256:<hex digest>` of a key, a line), every route but `/health` and the dashboard's page (not its
+  data) needs `Authorization: Bearer <key>`
   (what the OpenAI and Fireworks SDKs send) or `x-api-key: <key>`; else 401 as OpenAI answers it.
 - Drain: after SIGTERM new requests get a 503 with `retry-after` while running ones finish.
 - Body: a `content-length` over `--max-request-bytes` is a 413 at once; a body sent without one is read
@@ -32,7 +33,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health"})  # answered without a key (liveness probes)
+# answered without a key: liveness probes, and the dashboard's page and script (they hold no data; the page
+# asks for the key and sends it with its requests for /v1/usage)
+OPEN_PATHS = frozenset({"/health", "/dashboard"})
+OPEN_PREFIXES = ("/dashboard/vendor/",)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
@@ -129,8 +133,8 @@ class Guard:
                          f"{', '.join(sorted(hosts))} (see --allowed-hosts)", "invalid_host")
             return
         path = scope["path"]
-        if self.config.api_keys and path not in OPEN_PATHS and scope["method"] != "OPTIONS" \
-                and not self._key_ok(headers):
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        if self.config.api_keys and not open_path and scope["method"] != "OPTIONS" and not self._key_ok(headers):
             await _reply(send, 401, "Incorrect API key provided: pass it as `Authorization: Bearer <key>`",
                          "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
