@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["started"] = time.perf_counter()  # (request.state.started: latencies)
         headers = dict(scope["headers"])
         hosts = self.config.allowed_hosts
         if hosts is not None and _host_name(headers.get(b"host", b"").decode("latin-1")) not in hosts:

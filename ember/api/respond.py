@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ember.api.protocol import GenerationRequest
+from ember.api.records import record
 from ember.api.sse import stream_response
 from ember.serving.generate import ChoiceEvent, Generation
 from ember.serving.models import ServedModel
@@ -66,15 +67,31 @@ async def respond(request: Request, body: GenerationRequest, model: ServedModel,
     ticket = model.admission.admit(limit)
     try:
         gen = await model.prepare(plan)
-        if body.stream:  # the stream gives the place back when it ends
-            return _answer_stream(request, body, gen, shape, ticket.release)
+        if body.stream:  # the stream gives the place back when it ends, and records its usage
+            recorded = False
+
+            def end() -> None:
+                nonlocal recorded
+                ticket.release()
+                if not recorded:
+                    recorded = True
+                    _record(request, body, gen, 200, streamed=True)
+            return _answer_stream(request, body, gen, shape, end)
     except BaseException:
         ticket.release()
         raise
     try:
-        return await _answer(request, body, gen, shape)
+        response = await _answer(request, body, gen, shape)
     finally:
         ticket.release()
+    _record(request, body, gen, response.status_code)
+    return response
+
+
+def _record(request: Request, body: GenerationRequest, gen: Generation, status: int, streamed: bool = False) -> None:
+    record(request, status, model=body.model, request_id=gen.request_id, streamed=streamed, usage=gen.usage(),
+           finish_reason=gen.finish_reason, ttft=gen.time_to_first_token() if gen.first_token_at else None,
+           latency=gen.elapsed(), queue_time=gen.queue_time, body=body)
 
 
 def _envelope(body: GenerationRequest, gen: Generation, shape: Shape) -> dict:

@@ -137,6 +137,8 @@ class Generation:
         self.request_id = request_id
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.queue_time: float | None = None  # seconds the first prompt waited for its first engine step
+        self.finish_reason: str | None = None  # the first choice's, once it has finished (usage records)
         self.completion_tokens = 0
         self.cached_tokens = 0
 
@@ -191,11 +193,15 @@ class Generation:
                 if first:  # a prompt's cache hit counts once, not once per sample
                     self.cached_tokens += out.num_cached_tokens
                     first = False
+                    if self.queue_time is None and out.timings is not None and out.timings.scheduled is not None:
+                        self.queue_time = out.timings.scheduled - out.timings.arrival
                 choice = choices[out.index]
                 if choice.done:  # stopped by a stop string; the engine has not seen the abort yet
                     continue
                 self.completion_tokens += len(out.token_ids)
                 event = choice.step(out)
+                if event is not None and event.index == 0 and event.finish_reason is not None:
+                    self.finish_reason = event.finish_reason
                 if choice.done:
                     live -= 1
                     if live and not out.finished:
