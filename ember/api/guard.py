@@ -9,6 +9,8 @@ is refused before it is read whole and streamed answers pass through untouched.
   data) needs `Authorization: Bearer <key>`
   (what the OpenAI and Fireworks SDKs send) or `x-api-key: <key>`; else 401 as OpenAI answers it.
 - Drain: after SIGTERM new requests get a 503 with `retry-after` while running ones finish.
+- Overflow: when every model's running batch and waiting line are full, a generation request gets its 429
+  before its body is even read (a burst's overflow costs the server almost nothing).
 - Body: a `content-length` over `--max-request-bytes` is a 413 at once; a body sent without one is read
   up to the limit and refused as soon as it passes it; a body that trickles in slower than
   `--body-timeout` seconds is a 408.
@@ -38,6 +40,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # asks for the key and sends it with its requests for /v1/usage)
 OPEN_PATHS = frozenset({"/health", "/dashboard"})
 OPEN_PREFIXES = ("/dashboard/vendor/",)
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # the routes behind the models' admission
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
@@ -116,6 +119,13 @@ class Guard:
         self.config = config
         self.state = state
 
+    def _all_models_full(self) -> bool:
+        """Whether no served model could admit one more request: then a burst's overflow is refused before
+        its body is read and validated (the route's own admission stays the exact check per model)."""
+        models = list(getattr(self.state, "registry", None) or [])
+        limit_extra = self.state.config.max_waiting_requests
+        return bool(models) and all(m.admission.active >= m.max_num_seqs + limit_extra for m in models)
+
     def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
         auth = headers.get(b"authorization", b"")
         key = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
@@ -142,6 +152,10 @@ class Guard:
             return
         if getattr(self.state, "draining", False):
             await _reply(send, 503, "the server is shutting down", "server_draining", [(b"retry-after", b"5")])
+            return
+        if scope["method"] == "POST" and path.endswith(GENERATION_PATHS) and self._all_models_full():
+            await _reply(send, 429, "every model already has its running batch and waiting line full; retry later",
+                         "too_many_requests", [(b"retry-after", b"1")])
             return
         declared = headers.get(b"content-length")
         limit = self.config.max_request_bytes
