@@ -283,7 +283,8 @@ class GenerationRequest(_Strict):
     safety_identifier: str | None = None
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None
-    prompt_cache_isolation_key: str | None = None
+    prompt_cache_isolation_key: str | None = None  # or the x-prompt-cache-isolation-key header
+    prompt_cache_max_len: Annotated[int, Field(ge=0)] | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     perf_metrics_in_response: bool | None = None

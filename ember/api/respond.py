@@ -63,6 +63,8 @@ async def respond(request: Request, body: GenerationRequest, model: ServedModel,
     """Admits the request (a 429 past the model's running batch and waiting line), runs `plan`
     (templates, tokenization, grammars) in the model's worker threads, then answers: JSON once every
     choice finished, or an SSE stream. The request holds its place until its generation ends."""
+    if body.prompt_cache_isolation_key is None:  # Fireworks also takes the namespace as a header
+        body.prompt_cache_isolation_key = request.headers.get("x-prompt-cache-isolation-key")
     limit = model.max_num_seqs + request.app.state.config.max_waiting_requests
     ticket = model.admission.admit(limit)
     try:

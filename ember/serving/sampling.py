@@ -41,6 +41,8 @@ class SamplingRequest(Protocol):
     n: int
     ignore_eos: bool
     context_length_exceeded_behavior: str
+    prompt_cache_isolation_key: str | None  # the prefix-cache namespace: blocks are shared only within it
+    prompt_cache_max_len: int | None  # at most this many prompt tokens read from or stored in the cache
 
     @property
     def requested_max_tokens(self) -> int | None: ...
@@ -99,7 +101,8 @@ def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: di
             **chosen, **{k: optional.get(k, _NEUTRAL[k]) for k in _NEUTRAL},
             logit_bias=bias, mirostat_target=request.mirostat_target, seed=request.seed, n=request.n,
             max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=logprobs if request.wants_echo else None, grammar=grammar))
+            prompt_logprobs=logprobs if request.wants_echo else None, grammar=grammar,
+            cache_salt=request.prompt_cache_isolation_key, prompt_cache_max_len=request.prompt_cache_max_len))
     options = {**chosen, **optional, "max_tokens": max(p.max_tokens for p in params)}
     if request.mirostat_target is not None:
         options["mirostat_lr"] = params[0].mirostat_lr
