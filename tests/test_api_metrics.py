@@ -39,6 +39,25 @@ def test_counters_move_by_what_a_request_did(server):
         key = ("ember_engine_step_seconds_count", (("model", MODEL), ("phase", phase)))
         assert after[key] - before.get(key, 0.0) == steps
     assert after[("ember_sequences_running", label)] == after[("ember_sequences_waiting", label)] == 0
+    answered = ("ember_requests_total", (("endpoint", "chat.completions"), ("model", MODEL), ("status", "200")))
+    assert after[answered] - before.get(answered, 0.0) == 1
+    for name in ("ember_time_to_first_token_seconds_count", "ember_e2e_request_latency_seconds_count",
+                 "ember_request_queue_seconds_count"):
+        assert moved(name) == 1, name
+    assert moved("ember_inter_token_latency_seconds_count") == 8  # gaps between 9 tokens
     assert after[("ember_kv_blocks_used", label)] == 0 < after[("ember_kv_blocks_cached", label)] \
         <= after[("ember_kv_blocks_total", label)]
     assert 0 <= after[("ember_prefix_cache_hit_ratio", label)] <= 1
+
+
+def test_refusals_are_counted_without_growing_the_labels(server):
+    before = _scrape(server)
+    for name in ("no-such-model", "another-made-up-model"):
+        assert server.post("/v1/completions", {"model": name, "prompt": "x"}).status_code == 404
+    assert httpx.get(f"{server.url}/v1/made/up/path").status_code == 404
+    after = _scrape(server)
+    unknown = ("ember_requests_total", (("endpoint", "completions"), ("model", "unknown"), ("status", "404")))
+    assert after[unknown] - before.get(unknown, 0.0) == 2
+    other = ("ember_requests_total", (("endpoint", "other"), ("model", "unknown"), ("status", "404")))
+    assert after[other] - before.get(other, 0.0) == 1
+    assert not any("made-up" in str(labels) or "no-such" in str(labels) for _, labels in after)

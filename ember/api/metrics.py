@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +18,9 @@ from ember.serving.models import ModelRegistry
 router = APIRouter()
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ENDPOINTS = frozenset({"chat.completions", "completions", "models", "usage", "engine.stats"})
+FIREWORKS_PREFIX = "accounts/fireworks/models/"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # (stats key, metric name, help); counters are monotonic engine counters, gauges are read as they are
 COUNTERS = [("prompt_tokens", "ember_prompt_tokens", "prompt tokens computed (not served from the prefix cache)"),
             ("cached_tokens", "ember_cached_prompt_tokens", "prompt tokens served from the prefix cache"),
@@ -62,10 +65,38 @@ class Metrics:
     def __init__(self, models: ModelRegistry) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(models))
+        self.models = {m.name for m in models}
         self.step_seconds = Histogram("ember_engine_step_seconds", "engine step time by phase",
                                       ["model", "phase"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.requests = Counter("ember_requests", "API requests answered, by endpoint, model and status",
+                                ["endpoint", "model", "status"], registry=self.registry)
+        self.ttft = Histogram("ember_time_to_first_token_seconds", "time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram("ember_e2e_request_latency_seconds", "request latency, arrival to last byte",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Histogram("ember_request_queue_seconds", "time waiting for the first engine step", ["model"],
+                               buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("ember_inter_token_latency_seconds", "gaps between a request's tokens",
+                                     ["model"], buckets=STEP_BUCKETS, registry=self.registry)
         for m in models:
             m.engine.engine.on_step = self._step_observer(m.name)
+
+    def observe_request(self, endpoint: str, model: str, status: int, ttft: float | None, latency: float,
+                        queue: float | None, gaps: list[float]) -> None:
+        # labels only from known values: a client naming random models or paths must not grow the registry
+        model = model.removeprefix(FIREWORKS_PREFIX)
+        label = model if model in self.models else "unknown"
+        self.requests.labels(endpoint if endpoint in ENDPOINTS else "other", label, str(status)).inc()
+        if status >= 400:
+            return
+        self.latency.labels(label).observe(latency)
+        if ttft is not None:
+            self.ttft.labels(label).observe(ttft)
+        if queue is not None:
+            self.queue.labels(label).observe(queue)
+        inter_token = self.inter_token.labels(label)
+        for gap in gaps:
+            inter_token.observe(gap)
 
     def _step_observer(self, model: str) -> Callable[[StepPhases], None]:
         phases = {p: self.step_seconds.labels(model, p) for p in

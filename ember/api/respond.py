@@ -93,7 +93,7 @@ async def respond(request: Request, body: GenerationRequest, model: ServedModel,
 def _record(request: Request, body: GenerationRequest, gen: Generation, status: int, streamed: bool = False) -> None:
     record(request, status, model=body.model, request_id=gen.request_id, streamed=streamed, usage=gen.usage(),
            finish_reason=gen.finish_reason, ttft=gen.time_to_first_token() if gen.first_token_at else None,
-           latency=gen.elapsed(), queue_time=gen.queue_time, body=body)
+           latency=gen.elapsed(), queue_time=gen.queue_time, body=body, gaps=gen.token_gaps)
 
 
 def _envelope(body: GenerationRequest, gen: Generation, shape: Shape) -> dict:

@@ -139,6 +139,8 @@ class Generation:
         self.first_token_at: float | None = None
         self.queue_time: float | None = None  # seconds the first prompt waited for its first engine step
         self.finish_reason: str | None = None  # the first choice's, once it has finished (usage records)
+        self.token_gaps: list[float] = []  # seconds between consecutive engine outputs (inter-token latency)
+        self._last_output_at: float | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
 
@@ -188,8 +190,13 @@ class Generation:
         first = True
         async with aclosing(stream):
             async for out in stream:
+                now = time.perf_counter()
                 if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
+                    self.first_token_at = now
+                if out.token_ids:
+                    if self._last_output_at is not None:
+                        self.token_gaps.append(now - self._last_output_at)
+                    self._last_output_at = now
                 if first:  # a prompt's cache hit counts once, not once per sample
                     self.cached_tokens += out.num_cached_tokens
                     first = False
