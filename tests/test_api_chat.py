@@ -164,7 +164,7 @@ def test_message_forms(server):
                                                {"type": "text", "text": "there"}]}])
     assert parts.choices[0].message.content == plain.choices[0].message.content
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
-    assert "fireworks-prompt-tokens" in parts.model_extra["perf_metrics"]
+    assert "prompt-tokens" in parts.model_extra["perf_metrics"]
 
 
 def test_fireworks_sdk_and_model_path(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from ember.api.records import record
 from ember.api.sse import stream_response
 from ember.serving.generate import ChoiceEvent, Generation
 from ember.serving.models import ServedModel
+
+HOST = socket.gethostname()
 
 # how often a non-streaming request checks whether its client is still there
 _DISCONNECT_POLL_S = 0.2
@@ -44,11 +47,17 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def perf_metrics(gen: Generation) -> dict[str, str]:
+    """Fireworks' performance metrics, as header values without the `fireworks-` prefix (perf_metrics in a
+    body uses these keys)."""
+    return {"prompt-tokens": str(gen.prompt_tokens), "cached-prompt-tokens": str(gen.cached_tokens),
+            **{k: f"{v:.4f}" for k, v in gen.phases().items()},
+            "num-concurrent-requests": str(gen.model.admission.active), "deployment": gen.model.name,
+            "backend-host": HOST}
+
+
 def _perf(gen: Generation) -> dict[str, str]:
-    return {"fireworks-prompt-tokens": str(gen.prompt_tokens),
-            "fireworks-cached-prompt-tokens": str(gen.cached_tokens),
-            "fireworks-server-time-to-first-token": f"{gen.time_to_first_token():.4f}",
-            "fireworks-server-processing-time": f"{gen.elapsed():.4f}"}
+    return {f"fireworks-{k}": v for k, v in perf_metrics(gen).items()}
 
 
 def _headers(request: Request, gen: Generation, response_id: str) -> dict[str, str]:
@@ -67,8 +76,15 @@ async def respond(request: Request, body: GenerationRequest, model: ServedModel,
         body.prompt_cache_isolation_key = request.headers.get("x-prompt-cache-isolation-key")
     limit = model.max_num_seqs + request.app.state.config.max_waiting_requests
     ticket = model.admission.admit(limit)
+    arrived = getattr(request.state, "started", time.perf_counter())
+    marks: list[float] = []
+
+    def timed_plan() -> Generation:
+        marks.append(time.perf_counter())
+        return plan()
     try:
-        gen = await model.prepare(plan)
+        gen = await model.prepare(timed_plan)
+        gen.mark_preparation(arrived, marks[0], time.perf_counter())
         if body.stream:  # the stream gives the place back when it ends, and records its usage
             recorded = False
 
@@ -115,7 +131,7 @@ def _answer_stream(request: Request, body: GenerationRequest, gen: Generation, s
                    release: Callable[[], None]) -> Response:
     envelope = _envelope(body, gen, shape)
     opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
-    perf = (lambda: _perf(gen)) if body.perf_metrics_in_response else None
+    perf = (lambda: perf_metrics(gen)) if body.perf_metrics_in_response else None
     return stream_response(gen, {**envelope, "object": shape.chunk_object},
                            lambda ev: _choice(gen, shape, shape.delta, ev), opening, _top(body, gen, shape),
                            body.include_usage_chunk, perf, _headers(request, gen, envelope["id"]), release)
@@ -134,5 +150,5 @@ async def _answer(request: Request, body: GenerationRequest, gen: Generation, sh
     content = {**envelope, "object": shape.object, **_top(body, gen, shape), "choices": choices,
                "usage": gen.usage()}
     if body.perf_metrics_in_response:
-        content["perf_metrics"] = _perf(gen)
+        content["perf_metrics"] = perf_metrics(gen)
     return JSONResponse(content, headers={**_headers(request, gen, envelope["id"]), **_perf(gen)})

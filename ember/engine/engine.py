@@ -222,7 +222,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, mu: float | None) -> StepOutput:
         first = seq.num_output_tokens == 0
         if first:
-            seq.timings.first_token = time.monotonic()
+            seq.timings.first_token = time.perf_counter()
         seq.token_ids.append(token)
         seq.mirostat_mu = mu
         self.counters.generated_tokens += 1
@@ -231,7 +231,7 @@ class LLMEngine:
         grammar_ended = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_terminated())
         reason = "stop" if grammar_ended else self._finish_reason(seq, token)
         if reason is not None:
-            seq.timings.finished = time.monotonic()
+            seq.timings.finished = time.perf_counter()
             self._drop(seq)
         prompt = None
         if first and seq.prompt_logprobs is not None:
@@ -248,7 +248,7 @@ class LLMEngine:
         scheduled = time.perf_counter()
         for item in batch:
             if item.seq.timings.scheduled is None:
-                item.seq.timings.scheduled = time.monotonic()
+                item.seq.timings.scheduled = time.perf_counter()
         logits = self.runner.run(batch)
         ran = time.perf_counter()
         c = self.counters

@@ -57,7 +57,7 @@ class TokenLogprob:
 
 @dataclass
 class RequestTimings:
-    """When a sample went through the engine's phases (time.monotonic()), for perf metrics: waiting for
+    """When a sample went through the engine's phases (time.perf_counter()), for perf metrics: waiting for
     its first schedule, prefill up to its first token, then generation until it finished."""
 
     arrival: float

@@ -37,7 +37,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while the prompt is computed
     prompt_logprobs_sent: bool = False
     matcher: Matcher | None = None  # this sample's place in params.grammar
-    timings: RequestTimings = field(default_factory=lambda: RequestTimings(time.monotonic()))
+    timings: RequestTimings = field(default_factory=lambda: RequestTimings(time.perf_counter()))
 
     def __post_init__(self) -> None:
         if self.params.mirostat_target is not None and self.mirostat_mu is None:

@@ -11,7 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ember.engine.request import StepOutput, TokenLogprob
+from ember.engine.request import RequestTimings, StepOutput, TokenLogprob
 from ember.serving.logprobs import LogprobFormatter, OffsetDetokenizer, TokenOut, text_with_offsets
 from ember.serving.models import ServedModel
 from ember.serving.prompts import Prompt, check_prompts
@@ -135,12 +135,15 @@ class Generation:
             if request.num_logprobs is not None else None
         self.reports_tokens = self.formatter is not None or bool(request.return_token_ids)
         self.request_id = request_id
-        self.started = time.perf_counter()
+        # the request's phases (time.perf_counter()): arrival, then its preparation in a worker thread; the
+        # caller that ran the preparation marks them (mark_preparation), else they collapse to now
+        self.started = self.prepared_from = self.prepared_at = time.perf_counter()
+        self.engine_timings: RequestTimings | None = None  # the first sample's phases in the engine
+        self.last_token_at: float | None = None
         self.first_token_at: float | None = None
         self.queue_time: float | None = None  # seconds the first prompt waited for its first engine step
         self.finish_reason: str | None = None  # the first choice's, once it has finished (usage records)
         self.token_gaps: list[float] = []  # seconds between consecutive engine outputs (inter-token latency)
-        self._last_output_at: float | None = None
         self.completion_tokens = 0
         self.cached_tokens = 0
 
@@ -155,6 +158,29 @@ class Generation:
     @property
     def sampling_options(self) -> dict:
         return self.plan.options
+
+    def mark_preparation(self, arrived: float, started: float, ended: float) -> None:
+        self.started, self.prepared_from, self.prepared_at = arrived, started, ended
+
+    def phases(self) -> dict[str, float]:
+        """Fireworks' perf-metric durations in seconds, measured: waiting for a worker, preparing (templates,
+        tokenization, grammars), waiting for the engine's first step, prefill up to the first token, and
+        generation after it (the engine decodes a sequence in the step right after its prefill, so there
+        is no generation queue). Together they make the processing time so far."""
+        now = time.perf_counter()
+        t = self.engine_timings
+        scheduled = t.scheduled if t and t.scheduled is not None else now
+        first = self.first_token_at or now
+        last = self.last_token_at or now
+        prefill_queue = max(0.0, min(scheduled, first) - self.prepared_at)
+        return {"tokenizer-queue-duration": self.prepared_from - self.started,
+                "tokenizer-duration": self.prepared_at - self.prepared_from,
+                "prefill-queue-duration": prefill_queue,
+                "prefill-duration": max(0.0, first - self.prepared_at - prefill_queue),
+                "generation-queue-duration": 0.0,
+                "generation-duration": max(0.0, (last if self.first_token_at else first) - first),
+                "server-time-to-first-token": first - self.started,
+                "server-processing-time": now - self.started}
 
     def time_to_first_token(self) -> float:
         return (self.first_token_at or time.perf_counter()) - self.started
@@ -194,12 +220,14 @@ class Generation:
                 if self.first_token_at is None:
                     self.first_token_at = now
                 if out.token_ids:
-                    if self._last_output_at is not None:
-                        self.token_gaps.append(now - self._last_output_at)
-                    self._last_output_at = now
+                    if self.last_token_at is not None:
+                        self.token_gaps.append(now - self.last_token_at)
+                    self.last_token_at = now
                 if first:  # a prompt's cache hit counts once, not once per sample
                     self.cached_tokens += out.num_cached_tokens
                     first = False
+                    if self.engine_timings is None:
+                        self.engine_timings = out.timings
                     if self.queue_time is None and out.timings is not None and out.timings.scheduled is not None:
                         self.queue_time = out.timings.scheduled - out.timings.arrival
                 choice = choices[out.index]
