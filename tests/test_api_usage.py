@@ -4,6 +4,9 @@ and its vendored script served without a key but its data behind it."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -91,3 +94,27 @@ def test_dashboard_page_is_open_its_data_is_not(tmp_path):
         assert keyed.status_code == 200 and keyed.json()["object"] == "list"
         with openai.OpenAI(base_url=f"{s.url}/v1", api_key="secret", max_retries=0) as client:
             assert client.models.list().data[0].id == MODEL
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
+    return found
+
+
+def test_dashboard_renders_in_a_browser(tmp_path):
+    """Headless Chromium loads the page with no internet, runs its script against /v1/usage and draws the
+    cards and charts from the records of the requests just made."""
+    with launch(log=tmp_path / "serve.log") as s:
+        client = s.client()
+        for _ in range(3):
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+        assert s.post("/v1/completions", {"model": MODEL, "prompt": "x", "frobnicate": 1}).status_code == 400
+        time.sleep(1.5)  # the store's writer flushes every half second
+        dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000",
+                              "--dump-dom", f"{s.url}/dashboard"], capture_output=True, text=True, timeout=120).stdout
+    cards = dict(re.findall(r'<div class="card">([^<]+)<b>([^<]+)</b>', dom))
+    assert cards.get("requests") == "4" and cards.get("errors") == "1", dom[-3000:]
+    assert dom.count("uplot") >= 4 and "<td>smollm2-135m-instruct</td>" in dom
