@@ -97,7 +97,7 @@ async def _recorded(request: Request, response: JSONResponse) -> JSONResponse:
             try:
                 named = json.loads(body).get("model")
                 model = named if isinstance(named, str) else ""
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested too deep
                 pass
         record(request, response.status_code, model=model[:256], error_type=error_type(response.status_code))
     return response
