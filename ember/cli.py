@@ -61,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
     server = config_from_args(ServerConfig, args)
     engine = config_from_args(EngineConfig, args)
     setup_logging(server.log_level)
-    store = Store(config_from_args(StoreConfig, args))  # opened (and migrated) before the model loads
+    store_config = config_from_args(StoreConfig, args)
+    store = Store(store_config) if store_config.usage_records else None  # opened (and migrated) before the model
     model = load_served_model(engine, server.served_model_name, server.generation_config)
     app = create_app(ModelRegistry([model]), server, store)
     url = f"http://{server.host}:{server.port}/v1"

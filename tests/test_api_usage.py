@@ -118,3 +118,11 @@ def test_dashboard_renders_in_a_browser(tmp_path):
     cards = dict(re.findall(r'<div class="card">([^<]+)<b>([^<]+)</b>', dom))
     assert cards.get("requests") == "4" and cards.get("errors") == "1", dom[-3000:]
     assert dom.count("uplot") >= 4 and "<td>smollm2-135m-instruct</td>" in dom
+
+
+def test_records_and_metrics_can_be_turned_off(tmp_path):
+    with launch("--no-usage-records", "--no-metrics", log=tmp_path / "serve.log") as s:
+        assert s.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+        assert httpx.get(f"{s.url}/metrics").status_code == 404
+        assert httpx.get(f"{s.url}/v1/usage").status_code == 404
+    assert not (tmp_path / "data" / "ember.db").exists()

@@ -73,14 +73,15 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.registry = registry
     app.state.config = config
     app.state.draining = False
-    app.state.metrics = metrics.Metrics(registry)
+    app.state.metrics = metrics.Metrics(registry) if config.metrics else None
     app.state.store = store
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         for router in (chat.router, completions.router, models.router, health.stats_router, usage.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
-    app.include_router(metrics.router)
+    if config.metrics:
+        app.include_router(metrics.router)
     app.include_router(usage.page_router)
     app.openapi = lambda: _openapi_without_422(app)
     app.add_middleware(Guard, config=GuardConfig.build(config.host, config.allowed_hosts, config.api_key,

@@ -28,3 +28,4 @@ class ServerConfig:
     timeout_keep_alive: int = 5  # idle keep-alive connections close after this many seconds
     max_connections: int | None = None  # open connections + requests before uvicorn answers 503
     drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish
+    metrics: bool = True  # off: no /metrics and nothing observed for it

@@ -15,6 +15,7 @@ def default_data_dir() -> str:
 
 @dataclass
 class StoreConfig:
+    usage_records: bool = True  # off: no store is opened, nothing is recorded, /v1/usage answers 404
     data_dir: str | None = None  # None: default_data_dir(); the SQLite file lives here
     database_url: str | None = None  # any SQLAlchemy URL (postgresql+psycopg://...); default SQLite in data_dir
     write_buffer: int = 10_000  # records waiting for the database; past it new ones are dropped and counted
