@@ -102,6 +102,14 @@ def _chromium() -> str:
     return found
 
 
+def _render(url: str, profile) -> str:
+    """The page's DOM after its script ran, in headless Chromium (no internet, a fresh profile)."""
+    return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
 def test_dashboard_renders_in_a_browser(tmp_path):
     """Headless Chromium loads the page with no internet, runs its script against /v1/usage and draws the
     cards and charts from the records of the requests just made."""
@@ -111,13 +119,17 @@ def test_dashboard_renders_in_a_browser(tmp_path):
             client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
         assert s.post("/v1/completions", {"model": MODEL, "prompt": "x", "frobnicate": 1}).status_code == 400
         time.sleep(1.5)  # the store's writer flushes every half second
-        dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                              f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000",
-                              "--dump-dom", f"{s.url}/dashboard"], capture_output=True, text=True, timeout=120).stdout
+        dom = _render(f"{s.url}/dashboard", tmp_path / "chromium")
     cards = dict(re.findall(r'<div class="card">([^<]+)<b>([^<]+)</b>', dom))
     assert cards.get("requests") == "4" and cards.get("errors") == "1", dom[-3000:]
     assert dom.count("uplot") >= 4 and "<td>smollm2-135m-instruct</td>" in dom
+
+
+def test_dashboard_asks_for_the_key_of_a_locked_server(tmp_path):
+    with launch("--api-key", "secret", log=tmp_path / "serve.log") as s:
+        dom = _render(f"{s.url}/dashboard", tmp_path / "chromium")
+    assert '<label id="keybox">' in dom and "an API key is needed" in dom  # the key box shown, no data drawn
+    assert '<div class="cards" id="cards"></div>' in dom
 
 
 def test_records_and_metrics_can_be_turned_off(tmp_path):
@@ -126,3 +138,39 @@ def test_records_and_metrics_can_be_turned_off(tmp_path):
         assert httpx.get(f"{s.url}/metrics").status_code == 404
         assert httpx.get(f"{s.url}/v1/usage").status_code == 404
     assert not (tmp_path / "data" / "ember.db").exists()
+
+
+def test_a_database_lost_mid_run_fails_no_request(tmp_path):
+    """The server records into PostgreSQL; the database stops mid-run: answers keep coming as fast, and
+    the records kept meanwhile land once it is back."""
+    from tests.test_store import Postgres
+
+    db = Postgres()
+    try:
+        with launch(env={"EMBER_DATABASE_URL": db.url, "EMBER_FLUSH_INTERVAL": "0.1"}, log=tmp_path / "serve.log") as s:
+            client = s.client()
+
+            def ask() -> float:
+                start = time.perf_counter()
+                assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+                return time.perf_counter() - start
+
+            healthy = [ask() for _ in range(3)]
+            db.stop()
+            lost = [ask() for _ in range(5)]
+            assert max(lost) < max(healthy) + 0.5  # no request waits on the database
+            db.start()
+            deadline = time.monotonic() + 20
+            store = Store(StoreConfig(database_url=db.url))
+            try:
+                while time.monotonic() < deadline:
+                    with store.engine.connect() as connection:
+                        rows = connection.execute(select(usage_records.c.status)).scalars().all()
+                    if len(rows) == 8:
+                        break
+                    time.sleep(0.2)
+            finally:
+                store.close()
+            assert rows == [200] * 8
+    finally:
+        db.remove()

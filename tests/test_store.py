@@ -4,6 +4,7 @@ flush interval. PostgreSQL is Debian's package (`.ci/run` installs it); the test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,7 +56,8 @@ class Postgres:
         self._run(_pg_tool("pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
 
     def remove(self) -> None:
-        self.stop()
+        with contextlib.suppress(subprocess.CalledProcessError):  # a test may have left it stopped
+            self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
