@@ -4,6 +4,8 @@ and its vendored script served without a key but its data behind it."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -44,13 +46,14 @@ def test_every_request_leaves_a_record_that_survives_a_restart(tmp_path):
         assert bad.status_code == 400
         unknown = s.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
         assert unknown.status_code == 404
+        assert client.models.list().data[0].id == MODEL
         deadline = time.monotonic() + 5
-        while len(_rows(data)) < 5 and time.monotonic() < deadline:
+        while len(_rows(data)) < 6 and time.monotonic() < deadline:
             time.sleep(0.1)
     rows = _rows(data)
     assert [(r["endpoint"], r["status"], r["streamed"]) for r in rows] == [
         ("chat.completions", 200, False), ("chat.completions", 200, True), ("completions", 200, False),
-        ("chat.completions", 400, False), ("completions", 404, False)]
+        ("chat.completions", 400, False), ("completions", 404, False), ("models", 200, False)]
     first, streamed = rows[0], rows[1]
     assert (first["model"], first["user"], first["metadata"], first["prompt_cache_key"]) == (
         MODEL, "alice", {"team": "red"}, "pk")
@@ -122,7 +125,11 @@ def test_dashboard_renders_in_a_browser(tmp_path):
         dom = _render(f"{s.url}/dashboard", tmp_path / "chromium")
     cards = dict(re.findall(r'<div class="card">([^<]+)<b>([^<]+)</b>', dom))
     assert cards.get("requests") == "4" and cards.get("errors") == "1", dom[-3000:]
-    assert dom.count("uplot") >= 4 and "<td>smollm2-135m-instruct</td>" in dom
+    drawn = {chart: json.loads(html.unescape(totals))
+             for chart, totals in re.findall(r'<div id="(c-[a-z]+)" data-totals="([^"]+)"', dom)}
+    assert drawn["c-requests"] == {"requests": 4, "errors": 1}, drawn
+    assert drawn["c-tokens"]["out"] == 6 and drawn["c-tokens"]["in"] > 0  # three answers of 2 tokens
+    assert dom.count('class="uplot') >= 4 and "<td>smollm2-135m-instruct</td>" in dom
 
 
 def test_dashboard_asks_for_the_key_of_a_locked_server(tmp_path):

@@ -28,7 +28,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from starlette.requests import Request
+
 from ember.api.errors import error_body, error_type
+from ember.api.records import record
 
 Scope = dict
 Message = dict
@@ -173,7 +176,17 @@ class Guard:
             await _reply(send, 408, f"the request body did not arrive within {self.config.body_timeout:g} s",
                          "request_timeout")
             return
-        await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def send_noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_noting_status)
+        state = scope.get("state", {})
+        if status and "/v1/" in path and not state.get("recorded"):  # e.g. GET /v1/models: a row all the same
+            record(Request(scope), status[0], error_type=error_type(status[0]) if status[0] >= 400 else None)
 
     async def _bounded_body(self, receive: Receive, limit: int) -> Receive:
         """Read the whole body (at most `limit` bytes, within the body timeout) and hand the app a receive
