@@ -41,16 +41,12 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         stats = {m.name: m.engine.stats() for m in self.models}
-        for key, name, help_ in COUNTERS:
-            family = CounterMetricFamily(name, help_, labels=["model"])
-            for model, s in stats.items():
-                family.add_metric([model], s[key])
-            yield family
-        for key, name, help_ in GAUGES:
-            family = GaugeMetricFamily(name, help_, labels=["model"])
-            for model, s in stats.items():
-                family.add_metric([model], s[key])
-            yield family
+        for kind, metrics in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
+            for key, name, help_ in metrics:
+                family = kind(name, help_, labels=["model"])
+                for model, s in stats.items():
+                    family.add_metric([model], s[key])
+                yield family
         ratio = GaugeMetricFamily("ember_prefix_cache_hit_ratio", "cached / (cached + computed) prompt tokens",
                                   labels=["model"])
         for model, s in stats.items():

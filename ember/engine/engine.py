@@ -248,7 +248,7 @@ class LLMEngine:
         scheduled = time.perf_counter()
         for item in batch:
             if item.seq.timings.scheduled is None:
-                item.seq.timings.scheduled = time.perf_counter()
+                item.seq.timings.scheduled = scheduled
         logits = self.runner.run(batch)
         ran = time.perf_counter()
         c = self.counters

@@ -141,7 +141,6 @@ class Generation:
         self.engine_timings: RequestTimings | None = None  # the first sample's phases in the engine
         self.last_token_at: float | None = None
         self.first_token_at: float | None = None
-        self.queue_time: float | None = None  # seconds the first prompt waited for its first engine step
         self.finish_reason: str | None = None  # the first choice's, once it has finished (usage records)
         self.token_gaps: list[float] = []  # seconds between consecutive engine outputs (inter-token latency)
         self.completion_tokens = 0
@@ -159,6 +158,12 @@ class Generation:
     def sampling_options(self) -> dict:
         return self.plan.options
 
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds the first sample waited in the engine for its first step (usage records)."""
+        t = self.engine_timings
+        return None if t is None or t.scheduled is None else t.scheduled - t.arrival
+
     def mark_preparation(self, arrived: float, started: float, ended: float) -> None:
         self.started, self.prepared_from, self.prepared_at = arrived, started, ended
 
@@ -171,14 +176,13 @@ class Generation:
         t = self.engine_timings
         scheduled = t.scheduled if t and t.scheduled is not None else now
         first = self.first_token_at or now
-        last = self.last_token_at or now
         prefill_queue = max(0.0, min(scheduled, first) - self.prepared_at)
         return {"tokenizer-queue-duration": self.prepared_from - self.started,
                 "tokenizer-duration": self.prepared_at - self.prepared_from,
                 "prefill-queue-duration": prefill_queue,
                 "prefill-duration": max(0.0, first - self.prepared_at - prefill_queue),
                 "generation-queue-duration": 0.0,
-                "generation-duration": max(0.0, (last if self.first_token_at else first) - first),
+                "generation-duration": (self.last_token_at or first) - first,
                 "server-time-to-first-token": first - self.started,
                 "server-processing-time": now - self.started}
 
@@ -228,8 +232,6 @@ class Generation:
                     first = False
                     if self.engine_timings is None:
                         self.engine_timings = out.timings
-                    if self.queue_time is None and out.timings is not None and out.timings.scheduled is not None:
-                        self.queue_time = out.timings.scheduled - out.timings.arrival
                 choice = choices[out.index]
                 if choice.done:  # stopped by a stop string; the engine has not seen the abort yet
                     continue
