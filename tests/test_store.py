@@ -180,3 +180,20 @@ def test_kill_9_loses_at_most_the_last_second(store_config):
     store = Store(store_config)
     assert _count(store) >= put_by > 0
     store.close()
+
+
+def test_a_row_the_database_refuses_holds_back_no_other(store_config):
+    """A client's lone surrogate is stored escaped; a row the database can never take (here: metadata that
+    is not JSON) is dropped and counted, and the rows around it are written."""
+    store = Store(store_config)
+    now = time.time()
+    assert store.record_usage(_record(1, now, model="\ud800x"))
+    store.usage.put({**_record(2, now).row(), "metadata": {"bad": object()}})
+    assert store.record_usage(_record(3, now))
+    assert store.usage.flush()
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(usage_records.c.request_id, usage_records.c.model)
+                                  .order_by(usage_records.c.id)).all()
+    assert [tuple(r) for r in rows] == [("req-1", "\\ud800x"), ("req-3", "m1")]
+    assert store.usage.rejected == 1
+    store.close()

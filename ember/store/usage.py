@@ -59,7 +59,17 @@ class UsageRecord:
     metadata: dict[str, str] | None = field(default=None)
 
     def row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row to insert, its text storable: a client's lone surrogates (legal in JSON, not in UTF-8)
+        escaped as `\\ud800`, as the error bodies write them."""
+        return {k: _storable(v) for k, v in asdict(self).items()}
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    return value
 
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}

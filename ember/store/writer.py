@@ -3,7 +3,9 @@
 A request never waits for the database: `put` only appends (or, with the buffer full, drops the row and
 counts it). The thread writes everything buffered at least every `flush_interval` seconds, in one
 transaction, so a kill -9 loses at most that much; when the database fails it keeps the batch, logs, and
-retries with a growing pause, so a slow or unreachable database costs no request anything."""
+retries with a growing pause, so a slow or unreachable database costs no request anything. A batch the
+database refuses while it answers otherwise holds a row it can never take: the rows then go in one by one
+and the ones refused are dropped and counted, so one bad row cannot hold back the rest for ever."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 from collections import deque
 from typing import Any
 
-from sqlalchemy import Engine, Table
+from sqlalchemy import Engine, Table, text
 
 log = logging.getLogger("ember.store")
 
@@ -27,6 +29,7 @@ class BufferedWriter:
         self.dropped = 0  # rows refused because the buffer was full
         self.written = 0
         self.failures = 0  # batches the database refused (each retried)
+        self.rejected = 0  # rows the database refused on their own while it took others (dropped)
         self._rows: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -77,6 +80,9 @@ class BufferedWriter:
                 with self.engine.begin() as connection:
                     connection.execute(self.table.insert(), batch)
             except Exception as exc:  # any database failure: keep the rows, try again later
+                if self._reachable():
+                    self._write_one_by_one(batch)
+                    continue
                 self.failures += 1
                 pause = min(5.0, pause * 2)
                 if self.failures in (1, 10) or self.failures % 100 == 0:
@@ -85,7 +91,30 @@ class BufferedWriter:
                                                                        "failures": self.failures})
                 continue
             pause = self.flush_interval
-            with self._lock:
-                for _ in batch:
-                    self._rows.popleft()
+            self._done(len(batch))
             self.written += len(batch)
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            for _ in range(count):
+                self._rows.popleft()
+
+    def _reachable(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        for row in batch:
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert(), [row])
+                self.written += 1
+            except Exception as exc:
+                self.rejected += 1
+                log.warning("store refused a row; dropped", extra={"table": self.table.name, "error": str(exc)[:200],
+                                                                  "rejected": self.rejected})
+        self._done(len(batch))
