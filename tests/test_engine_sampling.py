@@ -112,10 +112,11 @@ def test_output_logprobs_equal_transformers(weights, hf):
     outs = _drain(make_engine(weights), {"r": (prompt, params)})["r", 0]
     tokens = [t for o in outs for t in o.token_ids]
     ref = _hf_logprobs(hf, prompt + tokens)
-    for step, o in enumerate(outs):
-        (lp,) = o.logprobs
+    logprobs = [lp for o in outs for lp in o.logprobs]  # a step may emit several tokens (accepted drafts)
+    assert len(logprobs) == len(tokens)
+    for step, (token, lp) in enumerate(zip(tokens, logprobs, strict=True)):
         row = ref[len(prompt) - 1 + step]
-        assert lp.token_id == o.token_ids[0] == int(row.argmax())
+        assert lp.token_id == token == int(row.argmax())
         assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
         values, ids = row.topk(5)
         assert [t for t, _ in lp.top] == ids.tolist()
@@ -182,11 +183,11 @@ def test_every_request_of_a_mixed_batch_gets_what_it_gets_alone(weights):
         alone = _drain(make_engine(weights), {rid: request})
         for key, outs in alone.items():
             assert _tokens(together[key]) == _tokens(outs), key
-            for a, b in zip(together[key], outs, strict=True):  # batched matmuls differ in the last bits
-                assert (a.logprobs is None) == (b.logprobs is None)
-                for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
-                    assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-5)
-                    assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            ours, theirs = ([lp for o in run for lp in o.logprobs or []] for run in (together[key], outs))
+            assert all((o.logprobs is None) == (request[1].logprobs is None) for o in together[key] + outs)
+            for x, y in zip(ours, theirs, strict=True):  # batched matmuls differ in the last bits
+                assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-5)
+                assert [t for t, _ in x.top] == [t for t, _ in y.top]
 
 
 def test_mirostat_carries_mu_from_step_to_step(weights):

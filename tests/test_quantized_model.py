@@ -19,7 +19,7 @@ from ember.engine.config import EngineConfig
 from ember.engine.engine import LLMEngine
 from ember.engine.request import SamplingParams
 from ember.engine.runner import ModelRunner
-from ember.models.attention import AttentionMetadata
+from ember.models.attention import build_metadata
 from ember.models.linear import DenseLinear
 from ember.models.llama import LlamaModel
 from ember.models.loader import default_model_path, load_model
@@ -67,9 +67,7 @@ def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     n, bs = len(ids), 16
     blocks = -(-n // bs)
     runner = ModelRunner(model, blocks, bs)
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), seq_blocks=torch.arange(blocks)[None],
-                             row_seq=torch.zeros(n, dtype=torch.long), row_lengths=torch.arange(n) + 1, num_decodes=0,
-                             prefills=[(0, n, n, torch.arange(blocks))], kernel=runner.cpu_attention)
+    meta = build_metadata([(n, n, torch.arange(blocks))], bs, runner.cpu_attention, CPU)
     return model.logits(model.forward(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta))
 
 

@@ -117,6 +117,21 @@ class BlockManager:
         for _ in range(self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)):
             seq.block_table.append(self._take_free())
 
+    def room(self, seq: Sequence) -> int:
+        """Tokens seq could compute from its computed end with its blocks and every free one."""
+        return (len(seq.block_table) + self.num_free_blocks) * self.block_size - seq.num_computed_tokens
+
+    def truncate(self, seq: Sequence) -> None:
+        """Free seq's blocks past its computed tokens (those held rejected drafts only): first in line for
+        reuse, since they hold nothing worth keeping."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        for block in seq.block_table[keep:]:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+        del seq.block_table[keep:]
+
     def commit(self, seq: Sequence, old_computed: int) -> None:
         """Publish blocks that became full (and so immutable) in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -22,3 +22,6 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0  # base for requests without a seed
+    # "prompt-lookup": drafts from each request's own context where they pay (ember.engine.spec); "off": none
+    # (a request's prediction still drafts)
+    speculation: str = "prompt-lookup"

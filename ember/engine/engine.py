@@ -17,11 +17,13 @@ import torch
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
-from ember.engine.request import MAX_LOGPROBS, SamplingParams, StepOutput, TokenLogprob
+from ember.engine.request import MAX_LOGPROBS, SamplingParams, StepOutput
 from ember.engine.runner import ModelRunner
-from ember.engine.sampler import prompt_logprobs, sample
+from ember.engine.sampler import prompt_logprobs
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
+from ember.engine.spec.policy import DraftState, new_draft_state
+from ember.engine.spec.verify import Run, verify
 from ember.kernels import cpu as cpu_kernels
 from ember.models.llama import LlamaModel
 
@@ -56,6 +58,7 @@ class StepPhases:
     batch: int  # sequences in the step
 
 
+SPECULATION_MODES = ("prompt-lookup", "off")
 WEIGHT_FORMATS = ("auto", "quantized", "float32", "bfloat16", "float16")
 
 
@@ -98,6 +101,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> None:
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
+        if config.speculation not in SPECULATION_MODES:
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, not {config.speculation!r}")
         placement = resolve_device(config)
         device, dtype = placement.device, placement.dtype
         if placement.packed:
@@ -115,7 +120,8 @@ class LLMEngine:
                                  config.max_model_len or weights.config.max_position_embeddings,
                                  num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.eos_token_ids, self.max_model_len)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.seqs: dict[str, dict[int, Sequence]] = {}  # request id -> sample index -> live sequence
         self.counters = EngineCounters()
@@ -150,12 +156,16 @@ class LLMEngine:
         seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def _drafting(self, params: SamplingParams) -> DraftState | None:
+        lookup = self.config.speculation == "prompt-lookup" and params.speculate
+        return new_draft_state(params.prediction[:params.max_tokens] if params.prediction else None, lookup)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_token_ids, params)
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
-                       self._generator(params, 0), pending_forks=params.n - 1)
+                       self._generator(params, 0), pending_forks=params.n - 1, drafting=self._drafting(params))
         self.seqs[request_id] = {0: seq}
         self.scheduler.add(seq)
         self.counters.requests += 1
@@ -180,14 +190,6 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
     def _score_prompt(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """Logprobs of the prompt tokens this chunk's positions predict (position j predicts j + 1)."""
         targets = seq.token_ids[start + 1:seq.num_prompt_tokens][:logits.shape[0]]
@@ -202,7 +204,8 @@ class LLMEngine:
         for i in range(1, seq.pending_forks + 1):
             child = Sequence(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
                              self._generator(seq.params, i), index=i, num_cached_tokens=seq.num_cached_tokens,
-                             prompt_logprobs=seq.prompt_logprobs, timings=dataclasses.replace(seq.timings))
+                             prompt_logprobs=seq.prompt_logprobs, timings=dataclasses.replace(seq.timings),
+                             drafting=self._drafting(seq.params))
             if seq.num_computed_tokens % self.config.block_size == 0 or self.block_manager.num_free_blocks:
                 copy = self.block_manager.fork(seq, child)
                 if copy:
@@ -219,69 +222,45 @@ class LLMEngine:
         return [StepOutput(seq.request_id, [], True, "length", seq.num_prompt_tokens, seq.num_cached_tokens,
                            index=i, prompt_logprobs=seq.prompt_logprobs) for i in range(seq.params.n)]
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, mu: float | None) -> StepOutput:
-        first = seq.num_output_tokens == 0
-        if first:
-            seq.timings.first_token = time.perf_counter()
-        seq.token_ids.append(token)
-        seq.mirostat_mu = mu
-        self.counters.generated_tokens += 1
-        if first and seq.index == 0:
-            self.counters.cached_tokens += seq.num_cached_tokens
-        grammar_ended = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_terminated())
-        reason = "stop" if grammar_ended else self._finish_reason(seq, token)
-        if reason is not None:
-            seq.timings.finished = time.perf_counter()
-            self._drop(seq)
-        prompt = None
-        if first and seq.prompt_logprobs is not None:
-            prompt, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
-        return StepOutput(seq.request_id, [token], reason is not None, reason, seq.num_prompt_tokens,
-                          seq.num_cached_tokens, seq.index, None if logprob is None else [logprob], prompt,
-                          seq.timings)
-
     def step(self) -> list[StepOutput]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         scheduled = time.perf_counter()
-        for item in batch:
-            if item.seq.timings.scheduled is None:
-                item.seq.timings.scheduled = scheduled
         logits = self.runner.run(batch)
         ran = time.perf_counter()
+        self.scheduler.step_cost.observe(sum(item.num_query_tokens for item in batch), ran - scheduled)
         c = self.counters
         c.steps += 1
         c.scheduled_seqs += len(batch)
         c.max_batch_seqs = max(c.max_batch_seqs, len(batch))
         outputs: list[StepOutput] = []
-        sampling: list[Sequence] = []
-        sampling_rows: list[int] = []  # the logits row each sampling sequence draws from
+        runs: list[Run] = []
         row = 0
         for item in batch:
-            seq, num_rows, samples = item.seq, item.num_logit_rows, item.samples
-            old = seq.num_computed_tokens
+            seq, num_rows = item.seq, item.num_logit_rows
             if seq.scores_prompt:
-                self._score_prompt(seq, old, logits[row:row + num_rows])
-            seq.num_computed_tokens += item.num_new_tokens
-            if old < seq.num_prompt_tokens:
-                c.prompt_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens) - old
-            self.block_manager.commit(seq, old)
+                self._score_prompt(seq, item.start, logits[row:row + num_rows])
+            if item.start < seq.num_prompt_tokens:
+                c.prompt_tokens += min(item.start + item.num_new_tokens, seq.num_prompt_tokens) - item.start
+            if not item.drafts:
+                self.scheduler.computed(item)
             row += num_rows
-            if not samples:
+            if not item.samples:
                 continue
             if seq.params.max_tokens == 0:
                 outputs += self._prompt_only(seq)
                 continue
-            for s in (seq, *self._fork(seq)):
-                sampling.append(s)
-                sampling_rows.append(row - 1)
-        sampling_start = sampled = time.perf_counter()
-        if sampling:
-            out = sample(logits[sampling_rows], sampling)
-            sampled = time.perf_counter()
-            outputs += map(self._append, sampling, out.token_ids, out.logprobs, out.mirostat_mu)
+            runs += [Run(s, item, row - item.num_sample_rows, item.drafts if s is seq else [])
+                     for s in (seq, *self._fork(seq))]
+        sampling_start = time.perf_counter()
+        verify(runs, logits, self.scheduler.append)
+        sampled = time.perf_counter()
+        for run in runs:
+            if run.drafts:
+                self.scheduler.computed(run.item, run.accepted)
+            outputs.append(self._output(run))
         done = time.perf_counter()
         prepare = self.runner.last_prepare_seconds
         self.last_step = StepPhases(scheduled - start, prepare, ran - scheduled - prepare, sampled - sampling_start,
@@ -289,6 +268,29 @@ class LLMEngine:
         if self.on_step is not None:
             self.on_step(self.last_step)
         return outputs
+
+    def _output(self, run: Run) -> StepOutput:
+        seq, c = run.seq, self.counters
+        first = seq.num_output_tokens == len(run.tokens)
+        c.generated_tokens += len(run.tokens)
+        if first and seq.index == 0:
+            c.cached_tokens += seq.num_cached_tokens
+        if run.reason is not None:
+            samples = self.seqs[seq.request_id]
+            del samples[seq.index]
+            if not samples:
+                del self.seqs[seq.request_id]
+        prompt = None
+        if first and seq.prompt_logprobs is not None:
+            prompt, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        spec = None
+        if seq.drafting is not None:
+            stats = seq.drafting.stats
+            spec = dataclasses.replace(stats, position_hits=list(stats.position_hits),
+                                       position_totals=list(stats.position_totals))
+        return StepOutput(seq.request_id, run.tokens, run.reason is not None, run.reason, seq.num_prompt_tokens,
+                          seq.num_cached_tokens, seq.index,
+                          run.logprobs if seq.params.logprobs is not None else None, prompt, seq.timings, spec)
 
     def stats(self) -> dict[str, int]:
         bm = self.block_manager

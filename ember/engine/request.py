@@ -40,6 +40,10 @@ class SamplingParams:
     grammar: Grammar | None = None  # constrains every sample; it ends when the grammar is complete
     cache_salt: str | None = None  # prefix-cache namespace (prompt_cache_isolation_key): shared only within it
     prompt_cache_max_len: int | None = None  # at most this many prompt tokens read from or stored in the cache
+    # predicted outputs: the tokens the output is expected to repeat; drafts are taken from it (re-found after
+    # a divergence), and the output is exactly what it would be without it
+    prediction: list[int] | None = None
+    speculate: bool = True  # False: no prompt-lookup drafts for this request (a prediction still drafts)
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +71,24 @@ class RequestTimings:
 
 
 @dataclass
+class SpecStats:
+    """One sample's speculative decoding so far (cumulative), for usage and Fireworks' perf metrics."""
+
+    prediction_tokens: int = 0  # tokens in the request's prediction (after the max_tokens cap)
+    proposed: int = 0  # draft tokens verified, from any proposer
+    accepted: int = 0  # of those, kept in the output
+    prediction_accepted: int = 0  # accepted drafts that came from the prediction
+    prediction_rejected: int = 0  # drafts from the prediction that were verified and rejected
+    position_hits: list[int] = field(default_factory=list)  # per draft position (0 = first draft of a step)
+    position_totals: list[int] = field(default_factory=list)
+
+    def acceptance(self) -> str:
+        """Fireworks' `speculation-acceptance`: "<pos>:<hits>/<total>" per draft position, comma separated."""
+        return ",".join(f"{i}:{h}/{t}" for i, (h, t) in enumerate(zip(self.position_hits, self.position_totals,
+                                                                      strict=True)))
+
+
+@dataclass
 class StepOutput:
     """New tokens for one sample of a request from one engine step (never zero unless finished)."""
 
@@ -81,3 +103,4 @@ class StepOutput:
     # on a sample's first output, when params.prompt_logprobs is set: one per prompt token, the first None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     timings: RequestTimings | None = None  # the sample's, as of this output
+    speculation: SpecStats | None = None  # the sample's, as of this output; None until it first drafted

@@ -1,47 +1,40 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill, preemption by recompute, and speculative drafts.
 
-Every step hands each scheduled sequence a number of new tokens to compute: one for a decoding
-sequence, a chunk of its prompt for one in prefill. Decodes are scheduled first so a long prompt
-never stalls the sequences already generating; the remaining token budget goes to prefill chunks,
-then to newly admitted requests. When the KV cache runs out, the most recently admitted running
-sequence is preempted: its blocks are released (their contents stay in the prefix cache, so the
-recompute is often cheap) and it goes back to the head of the waiting queue.
+Every step hands each scheduled sequence the tokens it computes (see ember.engine.step): one for a
+decoding sequence, plus any drafts worth verifying, or a chunk of its prompt. Decodes are scheduled
+first so a long prompt never stalls the sequences already generating; the remaining token budget goes
+to prefill chunks, then to newly admitted requests. When the KV cache runs out, the most recently
+admitted running sequence is preempted: its blocks are released (their contents stay in the prefix
+cache, so the recompute is often cheap) and it goes back to the head of the waiting queue. Drafts
+only ever use blocks that are free: they never preempt anything.
+
+Every change to a sequence's state happens here: admission, growth, preemption, the tokens a step
+appends (`append`), what it leaves computed (`computed`) and removal.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import SeqStatus, Sequence
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-
-    @property
-    def num_logit_rows(self) -> int:
-        """Positions whose logits are needed: all of a chunk whose prompt is being scored, else the
-        last one if it samples."""
-        return self.num_new_tokens if self.seq.scores_prompt else int(self.samples)
+from ember.engine.spec.policy import StepCost
+from ember.engine.step import StepItem
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: set[int], max_model_len: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.step_cost = StepCost()  # the runner's forward seconds per query position, for the draft bar
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -77,14 +70,30 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> list[ScheduledSeq]:
-        scheduled: list[ScheduledSeq] = []
+    def _drafts(self, seq: Sequence, budget: int, bar: float) -> list[int]:
+        """Drafts for a decoding sequence: within the token budget, max_tokens (the token sampled after
+        them must fit), the context, the free blocks and its grammar."""
+        state = seq.drafting
+        if state is None or budget <= 1:
+            return []
+        room = min(budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1,
+                   self.max_model_len - seq.num_tokens - 1)
+        if room <= 0:
+            return []
+        drafts = state.drafts(seq.token_ids, seq.num_prompt_tokens, room, bar)
+        if drafts and seq.matcher is not None:
+            drafts = drafts[:seq.matcher.validate(drafts)]
+        return drafts[:self.block_manager.room(seq) - 1]
+
+    def schedule(self) -> list[StepItem]:
+        scheduled: list[StepItem] = []
 
         def budget() -> int:
-            return self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled)
+            return self.max_num_batched_tokens - sum(s.num_query_tokens for s in scheduled)
 
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        bar = len(decodes) * self.step_cost.marginal_ratio(len(decodes))
         for seq in decodes + prefills:
             if seq.status is not SeqStatus.RUNNING or budget() == 0:
                 continue
@@ -96,8 +105,9 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                self.block_manager.grow(seq, n)
-                scheduled.append(ScheduledSeq(seq, n))
+                drafts = self._drafts(seq, budget(), bar) if n == 1 and seq.num_output_tokens else []
+                self.block_manager.grow(seq, n + len(drafts))
+                scheduled.append(StepItem(seq, n, drafts))
         while self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.admit(seq, budget()):
@@ -108,6 +118,48 @@ class Scheduler:
                 seq.admitted = True
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, min(seq.num_tokens - seq.num_computed_tokens, budget())))
-        scheduled.sort(key=lambda s: s.num_new_tokens > 1)  # the runner batches leading decodes together
+            scheduled.append(StepItem(seq, min(seq.num_tokens - seq.num_computed_tokens, budget())))
+        now = time.perf_counter()
+        for item in scheduled:
+            if item.seq.timings.scheduled is None:
+                item.seq.timings.scheduled = now
         return scheduled
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_terminated()):
+            return "stop"  # the grammar is complete (or, defensively, refused the token)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def append(self, seq: Sequence, token: int, mirostat_mu: float | None) -> str | None:
+        """One sampled token joins the sequence; returns why the sequence finished with it, if it did
+        (it is then removed and its blocks released)."""
+        if seq.num_output_tokens == 0:
+            seq.timings.first_token = time.perf_counter()
+        seq.token_ids.append(token)
+        seq.mirostat_mu = mirostat_mu
+        if seq.drafting is not None:
+            seq.drafting.observe(token)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            seq.timings.finished = time.perf_counter()
+            self.remove(seq)
+        return reason
+
+    def computed(self, item: StepItem, accepted: int = 0) -> None:
+        """Commit what an item computed: its own tokens and its first `accepted` drafts. K/V written past
+        them is rolled back (blocks past the new end freed) and never enters the prefix cache."""
+        seq = item.seq
+        if item.drafts:
+            seq.drafting.verified(len(item.drafts), accepted)
+        if seq.status is SeqStatus.FINISHED:
+            return
+        old = seq.num_computed_tokens
+        seq.num_computed_tokens = item.start + item.num_new_tokens + accepted
+        if item.drafts:
+            self.block_manager.truncate(seq)
+        self.block_manager.commit(seq, old)

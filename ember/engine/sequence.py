@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.engine.request import RequestTimings, SamplingParams, TokenLogprob
+from ember.engine.spec.policy import DraftState
 from ember.structured.backend import Matcher
 
 
@@ -38,6 +39,7 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     matcher: Matcher | None = None  # this sample's place in params.grammar
     timings: RequestTimings = field(default_factory=lambda: RequestTimings(time.perf_counter()))
+    drafting: DraftState | None = None  # its speculative decoding, when it may speculate
 
     def __post_init__(self) -> None:
         if self.params.mirostat_target is not None and self.mirostat_mu is None:

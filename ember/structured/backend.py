@@ -33,6 +33,9 @@ class Matcher(Protocol):
     def accept(self, token_id: int) -> bool:
         """Advance past a sampled token; False if the grammar did not allow it."""
 
+    def validate(self, token_ids: list[int]) -> int:
+        """How many of these tokens, from the start, the grammar would accept next (nothing advances)."""
+
     def rollback(self, num_tokens: int) -> None:
         """Forget the last `num_tokens` accepted tokens."""
 

@@ -30,6 +30,9 @@ class LLGuidanceMatcher:
     def accept(self, token_id: int) -> bool:
         return self._m.consume_token(token_id)
 
+    def validate(self, token_ids: list[int]) -> int:
+        return self._m.validate_tokens(token_ids)
+
     def rollback(self, num_tokens: int) -> None:
         self._m.rollback(num_tokens)
 
