@@ -55,7 +55,8 @@ CHAT_ERRORS = [
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", "invalid_value"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
      "messages[0].content[0].type", "unsupported_parameter"),
-    (chat(prediction={"type": "content", "content": "x"}), 400, "prediction", "unsupported_parameter"),
+    (chat(prediction={"type": "content", "content": 5}), 400, "prediction.content", "invalid_value"),
+    (chat(prediction="x", speculation="x"), 400, "speculation", "invalid_value"),  # the same thing twice
     (chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400, "tools[0].function.name",
      "invalid_value"),
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]), 400,

@@ -2,9 +2,9 @@
 (OpenAI's where Fireworks is silent).
 
 Every field of OpenAI's and Fireworks' request schemas is accepted; only fields in neither are
-"unknown". Fields that Ember does not implement (predicted outputs, reasoning controls, audio, web
-search, ...) are accepted only at values that change nothing (null, false, text only); any other
-value is a 400 saying it is not supported, never silently ignored. Types are strict:
+"unknown". Fields that Ember does not implement (reasoning controls, audio, web search, ...) are
+accepted only at values that change nothing (null, false, text only); any other value is a 400 saying
+it is not supported, never silently ignored. Types are strict:
 `"max_tokens": "5"` is a mistake, not a 5. Strings must be Unicode text and the body at most
 MAX_DEPTH deep (ember.serving.client_json).
 """
@@ -21,7 +21,6 @@ from ember.serving.errors import FieldError
 
 # field -> the values at which it is harmless today; every other non-null value is refused for now
 NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "prediction": (), "speculation": (),
     "reasoning_effort": ("none", False), "reasoning_history": (), "thinking": ({"type": "disabled"},),
 }
 CHAT_NOT_YET_SUPPORTED: dict[str, tuple] = {
@@ -92,6 +91,18 @@ class PromptCacheOptions(_Strict):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+
+class Prediction(_Strict):
+    """OpenAI's predicted output: text the answer is expected to largely repeat (a file being edited, say).
+    It only speeds generation up (speculative decoding); `type` may be left out (Fireworks)."""
+
+    type: Literal["content"] = "content"
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -289,6 +300,10 @@ class GenerationRequest(_Strict):
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     perf_metrics_in_response: bool | None = None
     response_format: ResponseFormat | None = None
+    # predicted outputs: OpenAI's object (or Fireworks' plain string), or Fireworks' `speculation` as text or
+    # token ids; `speculation: false` (Ember's) turns off prompt-lookup drafts for this request
+    prediction: Prediction | str | None = None
+    speculation: str | list[int] | bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -310,6 +325,10 @@ class GenerationRequest(_Strict):
             raise FieldError("max_tokens" if self.max_tokens is not None else "max_completion_tokens",
                              f"n x max_tokens is {self.n * self.requested_max_tokens}; one request may ask "
                              f"for at most {MAX_TOTAL_TOKENS} tokens in all (lower n or max_tokens)")
+        if self.prediction is not None and isinstance(self.speculation, str | list):
+            raise FieldError("speculation", "give the expected output once: as `prediction` (OpenAI's) or as "
+                                            "`speculation` (Fireworks'), not both; only `speculation: false` "
+                                            "goes with a prediction")
         if self.top_logprobs and self.logprobs in (None, False):
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         # a token id has at most 10 digits; int() refuses past 4300 (CPython's guard against quadratic parsing)
@@ -321,6 +340,18 @@ class GenerationRequest(_Strict):
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return [s for s in stops if s]
+
+    @property
+    def predicted(self) -> str | list[int] | None:
+        """The output the client expects, as text or token ids, whichever field gave it."""
+        if self.prediction is not None:
+            return self.prediction if isinstance(self.prediction, str) else self.prediction.text
+        return None if isinstance(self.speculation, bool) else self.speculation
+
+    @property
+    def speculate(self) -> bool:
+        """False when the client turned prompt-lookup speculation off (`speculation: false`)."""
+        return self.speculation is not False
 
     @property
     def requested_max_tokens(self) -> int | None:

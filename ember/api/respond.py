@@ -49,11 +49,19 @@ def new_request_id() -> str:
 
 def perf_metrics(gen: Generation) -> dict[str, str]:
     """Fireworks' performance metrics, as header values without the `fireworks-` prefix (perf_metrics in a
-    body uses these keys)."""
-    return {"prompt-tokens": str(gen.prompt_tokens), "cached-prompt-tokens": str(gen.cached_tokens),
-            **{k: f"{v:.4f}" for k, v in gen.phases().items()},
-            "num-concurrent-requests": str(gen.model.admission.active), "deployment": gen.model.name,
-            "backend-host": HOST}
+    body uses these keys); the speculation ones once the engine counted drafts, summed over the choices
+    (the prediction's length is one choice's)."""
+    metrics = {"prompt-tokens": str(gen.prompt_tokens), "cached-prompt-tokens": str(gen.cached_tokens),
+               **{k: f"{v:.4f}" for k, v in gen.phases().items()},
+               "num-concurrent-requests": str(gen.model.admission.active), "deployment": gen.model.name,
+               "backend-host": HOST}
+    spec = gen.speculation()
+    if spec is not None:
+        metrics.update({"speculation-prompt-tokens": str(spec.prediction_tokens),
+                        "speculation-prompt-matched-tokens": str(spec.prediction_accepted),
+                        "speculation-generated-tokens": str(spec.proposed),
+                        "speculation-acceptance": spec.acceptance()})
+    return metrics
 
 
 def _perf(gen: Generation) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """From prompts to streamed choice events: one engine request per prompt (its n samples share the
 prefill), each sample detokenised, echoed, cut at stop strings, split into content and tool calls,
-with its tokens and logprobs kept in step with its text, and the usage and timings they add up to."""
+with its tokens and logprobs kept in step with its text, and the usage, timings and speculation counts
+they add up to."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Protocol
 
-from ember.engine.request import RequestTimings, StepOutput, TokenLogprob
+from ember.engine.request import RequestTimings, SpecStats, StepOutput, TokenLogprob
 from ember.serving.logprobs import LogprobFormatter, OffsetDetokenizer, TokenOut, text_with_offsets
 from ember.serving.models import ServedModel
 from ember.serving.prompts import Prompt, check_prompts
-from ember.serving.sampling import SamplingPlan, SamplingRequest, plan_sampling
+from ember.serving.sampling import SamplingPlan, SamplingRequest, plan_sampling, prediction_ids
 from ember.serving.stop import StopMatcher
 from ember.serving.tools import ToolCallDelta, ToolCallParser
 from ember.structured.backend import Grammar
@@ -145,6 +147,7 @@ class Generation:
         self.token_gaps: list[float] = []  # seconds between consecutive engine outputs (inter-token latency)
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.spec_stats: dict[int, SpecStats] = {}  # each choice's latest, once the engine set them up
 
     @property
     def num_choices(self) -> int:
@@ -192,10 +195,30 @@ class Generation:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def speculation(self) -> SpecStats | None:
+        """The choices' speculative decoding together (None before any choice had its counts): sums, drafts
+        accepted and verified position by position, and the prediction's length for one choice."""
+        stats = list(self.spec_stats.values())
+        if not stats:
+            return None
+        return SpecStats(
+            prediction_tokens=max(s.prediction_tokens for s in stats), proposed=sum(s.proposed for s in stats),
+            accepted=sum(s.accepted for s in stats), prediction_accepted=sum(s.prediction_accepted for s in stats),
+            prediction_rejected=sum(s.prediction_rejected for s in stats),
+            position_hits=[sum(c) for c in zip_longest(*(s.position_hits for s in stats), fillvalue=0)],
+            position_totals=[sum(c) for c in zip_longest(*(s.position_totals for s in stats), fillvalue=0)])
+
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        """OpenAI's usage; with a prediction, also how many of its tokens were accepted and rejected."""
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.request.predicted is not None:
+            spec = self.speculation() or SpecStats()
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": spec.prediction_accepted,
+                "rejected_prediction_tokens": spec.prediction_rejected, "reasoning_tokens": 0, "audio_tokens": 0}
+        return usage
 
     def choice_fields(self, event: ChoiceEvent, prompt_ids: bool) -> dict:
         """What a choice (or a chunk's choice) carries besides its text: `logprobs` always (null when
@@ -233,6 +256,8 @@ class Generation:
                     if self.engine_timings is None:
                         self.engine_timings = out.timings
                 choice = choices[out.index]
+                if out.speculation is not None:
+                    self.spec_stats[choice.index] = out.speculation
                 if choice.done:  # stopped by a stop string; the engine has not seen the abort yet
                     continue
                 self.completion_tokens += len(out.token_ids)
@@ -300,9 +325,11 @@ class Generation:
 def plan_generation(model: ServedModel, request: GenerationRequest, prompts: list[Prompt],
                     prompt_param: str, request_id: str, grammar: Grammar | None = None,
                     parse_tool_calls: bool = False) -> Generation:
-    """Checks the prompts against the model, fills sampling defaults; nothing runs until events().
+    """Checks the prompts against the model, fills sampling defaults, tokenizes the prediction; nothing
+    runs until events().
     `grammar` constrains every sample; `parse_tool_calls` splits their text into content and calls."""
     check_prompts(prompts, model.vocab_size, model.max_model_len, prompt_param)
     plan = plan_sampling(request, [len(p.token_ids) for p in prompts], model.sampling_defaults,
-                         model.max_model_len, model.vocab_size, grammar)
+                         model.max_model_len, model.vocab_size, grammar,
+                         prediction_ids(request, model.tokenizer, model.vocab_size))
     return Generation(model, prompts, plan, request, request_id, grammar, parse_tool_calls)

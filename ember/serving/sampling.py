@@ -1,14 +1,18 @@
 """Request fields → SamplingParams: the model's defaults for what the client left out, max_tokens
-fitted to the context window, logprobs and prompt scoring as the response will need them."""
+fitted to the context window, logprobs and prompt scoring as the response will need them, the
+predicted output as token ids."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ember.engine.request import SamplingParams
 from ember.serving.errors import RequestError
 from ember.structured.backend import Grammar
+
+if TYPE_CHECKING:
+    from ember.models.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 2048
 # OpenAI's defaults (the filters off), used when neither the request nor the model's generation config says
@@ -45,6 +49,12 @@ class SamplingRequest(Protocol):
     prompt_cache_max_len: int | None  # at most this many prompt tokens read from or stored in the cache
 
     @property
+    def predicted(self) -> str | list[int] | None: ...  # the expected output (prediction / speculation)
+
+    @property
+    def speculate(self) -> bool: ...  # False: no prompt-lookup drafts
+
+    @property
     def requested_max_tokens(self) -> int | None: ...
 
     @property
@@ -75,12 +85,26 @@ def _logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float]:
     return bias
 
 
+def prediction_ids(request: SamplingRequest, tokenizer: Tokenizer, vocab_size: int) -> list[int] | None:
+    """The predicted output as token ids. Text is encoded as the model would write it: no BOS, and special
+    tokens it names (a template's <tool_call>, say) as their ids, which is what the model generates. CPU
+    work for the worker threads, like the prompt's."""
+    predicted = request.predicted
+    if isinstance(predicted, str):
+        return tokenizer.encode(predicted, add_special_tokens=False)
+    if predicted is not None and any(not 0 <= t < vocab_size for t in predicted):
+        raise RequestError(f"speculation token ids must lie in [0, {vocab_size})", "speculation")
+    return predicted
+
+
 def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: dict, max_model_len: int,
-                  vocab_size: int, grammar: Grammar | None = None) -> SamplingPlan:
+                  vocab_size: int, grammar: Grammar | None = None,
+                  prediction: list[int] | None = None) -> SamplingPlan:
     """max_tokens defaults to 2048 and is lowered to the room the context leaves, unless the client
     asked for `context_length_exceeded_behavior: error`. An echo with logprobs scores the prompt. A
     temperature under MIN_TEMPERATURE is greedy.
-    `grammar` constrains every sample."""
+    `grammar` constrains every sample; `prediction` (prediction_ids) goes to every sample, cut to its
+    max_tokens (as Fireworks caps it): drafts past the output's end could never be accepted."""
     chosen = {k: _first(getattr(request, k), defaults.get(k), fallback)
               for k, fallback in FALLBACK_DEFAULTS.items()}
     if chosen["temperature"] < MIN_TEMPERATURE:
@@ -102,7 +126,9 @@ def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: di
             logit_bias=bias, mirostat_target=request.mirostat_target, seed=request.seed, n=request.n,
             max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs,
             prompt_logprobs=logprobs if request.wants_echo else None, grammar=grammar,
-            cache_salt=request.prompt_cache_isolation_key, prompt_cache_max_len=request.prompt_cache_max_len))
+            cache_salt=request.prompt_cache_isolation_key, prompt_cache_max_len=request.prompt_cache_max_len,
+            prediction=(prediction or [])[:max_tokens] or None,
+            speculate=request.speculate))
     options = {**chosen, **optional, "max_tokens": max(p.max_tokens for p in params)}
     if request.mirostat_target is not None:
         options["mirostat_lr"] = params[0].mirostat_lr
