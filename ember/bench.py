@@ -60,6 +60,8 @@ class BenchConfig:
     timeout: float = 600.0
     label: str | None = None
     usage_probes: int = 16
+    workload: str = "random"  # random | code-edit | rewrite (see WORKLOADS)
+    prediction: bool = True  # code-edit: send the original file as `prediction`
 
     @classmethod
     def from_any(cls, config: BenchConfig | argparse.Namespace | dict) -> BenchConfig:
@@ -90,6 +92,7 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    accepted_prediction_tokens: int = 0  # from usage.completion_tokens_details, where the server reports it
     usage_reported: bool = False
     error: str = ""
 
@@ -134,9 +137,50 @@ def make_prompt(index: int, approx_tokens: int, seed: int = 0) -> str:
     return f"{index} {rng.random():.6f}: " + " ".join(words) + ". Continue this list."
 
 
+_NAMES = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega orion vega lyra draco hydra "
+          "cygnus perseus").split()
+
+
+def make_source_file(index: int, seed: int = 0) -> str:
+    """A ~400-token Python module of small getters with random defaults (SmolLM2 tokens)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    return "\n".join(f"def get_{name}(config):\n    return config.get(\"{name}\", {rng.randint(1, 99)})\n"
+                     for name in _NAMES[:18])
+
+
+def make_passage(index: int, approx_tokens: int, seed: int = 0) -> str:
+    """Plain sentences (~1.3 SmolLM2 tokens a word) to repeat or lightly rewrite."""
+    rng = random.Random(seed * 1_000_003 + index)
+    sentences = []
+    while sum(len(s.split()) for s in sentences) * 1.3 < approx_tokens:
+        a, b, c = (rng.choice(_WORDS) for _ in range(3))
+        sentences.append(f"The {a} near the {b} was as quiet as the {c}.")
+    return " ".join(sentences)
+
+
+# what each --workload asks: "random" is make_prompt's word list; "code-edit" asks for a one-line change to a
+# source file and (with --prediction) sends the original as the prediction, as an editor would; "rewrite"
+# asks for a passage back nearly unchanged, where prompt lookup drafts from the prompt
+WORKLOADS = ("random", "code-edit", "rewrite")
+
+
+def workload_prompt(config: BenchConfig, index: int) -> tuple[str, str | None]:
+    """The prompt text of request `index` and the prediction to send with it, if any."""
+    if config.workload == "code-edit":
+        source = make_source_file(index, config.seed)
+        name = _NAMES[index % 18]
+        prompt = (f"Change the default of get_{name} to 100 in this code. Reply with the full code only."
+                  f"\n\n```python\n{source}```")
+        return prompt, source if config.prediction else None
+    if config.workload == "rewrite":
+        passage = make_passage(index, config.prompt_tokens, config.seed)
+        return f"Repeat this text, fixing any typos, and nothing else:\n\n{passage}", None
+    return make_prompt(index, config.prompt_tokens, config.seed), None
+
+
 def build_request(config: BenchConfig, index: int, model: str) -> tuple[str, dict]:
     """The URL path and JSON body of request `index` (streamed, with usage in the last chunk)."""
-    prompt = make_prompt(index, config.prompt_tokens, config.seed)
+    prompt, prediction = workload_prompt(config, index)
     body: dict[str, Any] = {"model": model, "max_tokens": config.max_tokens,
                             "temperature": config.temperature,
                             "stream": True, "stream_options": {"include_usage": True}}
@@ -152,6 +196,8 @@ def build_request(config: BenchConfig, index: int, model: str) -> tuple[str, dic
         body["ignore_eos"] = True
     if config.eos_bias is not None:
         body["logit_bias"] = {str(config.eos_bias): -100}
+    if prediction is not None:
+        body["prediction"] = {"type": "content", "content": prediction}
     body.update(config.extra())
     return path, body
 
@@ -184,6 +230,8 @@ class StreamTimer:
             self.result.usage_reported = True
             self.result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.result.completion_tokens = int(usage.get("completion_tokens") or 0)
+            details = usage.get("completion_tokens_details") or {}
+            self.result.accepted_prediction_tokens = int(details.get("accepted_prediction_tokens") or 0)
 
     def finish(self, now: float) -> RequestResult:
         """The result once the stream ended at `now`: token count from usage, else from chunks."""
@@ -316,6 +364,8 @@ def summarize(results: list[RequestResult], wall: float, config: BenchConfig, mo
         "label": config.label or config.base_url, "base_url": config.base_url, "model": model,
         "endpoint": config.endpoint, "concurrency": config.concurrency, "num_requests": config.num_requests,
         "max_tokens": config.max_tokens, "prompt_tokens_target": config.prompt_tokens,
+        "workload": config.workload,
+        "accepted_prediction_tokens": sum(r.accepted_prediction_tokens for r in ok),
         "ignore_eos": config.ignore_eos, "eos_bias": config.eos_bias,
         "requests_ok": len(ok), "requests_failed": len(results) - len(ok),
         "wall_s": round(wall, 3), "output_tok_s": round(out_tokens / wall, 2) if wall else 0.0,
@@ -409,6 +459,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ignore-eos", action="store_true", help="send ignore_eos: true (Ember, vLLM)")
     a("--eos-bias", type=int, default=None, metavar="TOKEN_ID",
       help="send logit_bias {TOKEN_ID: -100} instead, for servers without ignore_eos")
+    a("--workload", choices=WORKLOADS, default=d.workload,
+      help="random word lists; code-edit: a one-line change to a ~400-token file, the original sent as "
+           "`prediction`; rewrite: a passage to repeat (prompt lookup's case) (default %(default)s)")
+    a("--no-prediction", dest="prediction", action="store_false",
+      help="code-edit without the `prediction` field, the baseline it speeds up")
     a("--extra-body", default=None, metavar="JSON", help="JSON object merged into every request body")
     a("--warmup", type=int, default=d.warmup, help="untimed requests first (default %(default)s)")
     a("--seed", type=int, default=d.seed, help="prompt text seed (default %(default)s)")

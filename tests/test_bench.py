@@ -123,6 +123,19 @@ def test_build_request_bodies():
         build_request(BenchConfig(extra_body="[1]"), 0, "m")
 
 
+def test_workloads_code_edit_and_rewrite(tokenizer):
+    _, body = build_request(BenchConfig(workload="code-edit"), 3, "m")
+    source = body["prediction"]["content"]
+    assert body["prediction"]["type"] == "content" and source in body["messages"][0]["content"]
+    assert 350 <= len(tokenizer.encode(source, add_special_tokens=False)) <= 450  # ~400 tokens, as documented
+    assert "get_delta" in body["messages"][0]["content"].split("\n")[0]  # the line to change names one getter
+    _, plain = build_request(BenchConfig(workload="code-edit", prediction=False), 3, "m")
+    assert "prediction" not in plain and plain["messages"] == body["messages"]
+    _, rewrite = build_request(BenchConfig(workload="rewrite", prompt_tokens=200), 0, "m")
+    words = len(rewrite["messages"][0]["content"].split())
+    assert "prediction" not in rewrite and 130 <= words * 1.3 <= 260
+
+
 def test_config_from_namespace_dict_and_flags():
     args = parse(["--num-requests", "5", "-c", "2", "--eos-bias", "2", "--json-out", "x.json"])
     cfg = BenchConfig.from_any(args)
