@@ -102,6 +102,31 @@ def test_a_prediction_never_changes_the_output(server, path, fields, stream):
         _same(_choices(server, path, {**body, **prediction}, stream), expected)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_inside_an_accepted_run_cuts_text_and_usage_as_without(server, stream):
+    """Accepted drafts bring several tokens in one step; a stop string among them ends the text there and
+    usage counts the tokens up to it, as one token a step would."""
+    body = _body(CHAT, max_tokens=48, **({"stream_options": {"include_usage": True}} if stream else {}))
+    text = _choices(server, CHAT, _body(CHAT, max_tokens=48), False)[0][0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(text) > 40 and stop.strip()
+
+    def answer(**fields) -> tuple[str, dict]:
+        request = {**body, "stop": [stop], **fields}
+        if stream:
+            events = server.stream(CHAT, request)
+            return "".join((c.get("delta") or {}).get("content") or "" for e in events for c in e["choices"]), \
+                events[-1]["usage"]
+        r = server.post(CHAT, request).json()
+        return r["choices"][0]["message"]["content"], r["usage"]
+
+    plain_text, plain_usage = answer()
+    text_, usage = answer(prediction={"type": "content", "content": text})
+    assert text_ == plain_text and plain_text.endswith(stop)
+    assert usage["completion_tokens"] == plain_usage["completion_tokens"] < 48
+    assert usage["completion_tokens_details"]["accepted_prediction_tokens"] > 5
+
+
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 def test_speculation_forms_never_change_the_output(server, path):
     """Token ids, Fireworks' plain-string prediction, and prompt-lookup turned off (alone or beside a

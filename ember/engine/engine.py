@@ -19,11 +19,12 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.request import MAX_LOGPROBS, SamplingParams, StepOutput
 from ember.engine.runner import ModelRunner
-from ember.engine.sampler import prompt_logprobs
+from ember.engine.sampler import prompt_logprobs, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
 from ember.engine.spec.policy import DraftState, new_draft_state
 from ember.engine.spec.verify import Run, verify
+from ember.engine.step import StepItem
 from ember.kernels import cpu as cpu_kernels
 from ember.models.llama import LlamaModel
 
@@ -128,10 +129,22 @@ class LLMEngine:
         self.last_step: StepPhases | None = None
         self.on_step: Callable[[StepPhases], None] | None = None  # e.g. metrics; called on the engine thread
         self._seed_rng = random.Random(config.seed)
+        self.scheduler.step_cost.calibrate(self._time_forward, min(config.max_num_batched_tokens, 128,
+                                                                   num_blocks * config.block_size))
         log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
                                         "weights": "quantized" if placement.packed else str(dtype),
                                         "weight_mb": round(self.model.weight_bytes / 2**20, 1),
                                         "max_model_len": self.max_model_len})
+
+    def _time_forward(self, tokens: int) -> float:
+        """Seconds of one forward pass of `tokens` query positions with a logit row each (a decode and its
+        drafts) and their greedy verification, for the draft policy's cost table. Run at start-up, when
+        every block is free and empty."""
+        seq = Sequence("calibration", [0], 1, SamplingParams(temperature=0))
+        seq.block_table = list(range(-(-tokens // self.config.block_size)))
+        start = time.perf_counter()
+        sample(self.runner.run([StepItem(seq, 1, [0] * (tokens - 1))]), [seq] * tokens)
+        return time.perf_counter() - start
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Reject what could never run; the serving layer turns these into 400s before they get here."""
@@ -158,7 +171,8 @@ class LLMEngine:
 
     def _drafting(self, params: SamplingParams) -> DraftState | None:
         lookup = self.config.speculation == "prompt-lookup" and params.speculate
-        return new_draft_state(params.prediction[:params.max_tokens] if params.prediction else None, lookup)
+        return new_draft_state(params.prediction[:params.max_tokens] if params.prediction else None, lookup,
+                               self.scheduler.draft_priors)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_token_ids, params)
@@ -230,7 +244,6 @@ class LLMEngine:
         scheduled = time.perf_counter()
         logits = self.runner.run(batch)
         ran = time.perf_counter()
-        self.scheduler.step_cost.observe(sum(item.num_query_tokens for item in batch), ran - scheduled)
         c = self.counters
         c.steps += 1
         c.scheduled_seqs += len(batch)
@@ -257,6 +270,9 @@ class LLMEngine:
         sampling_start = time.perf_counter()
         verify(runs, logits, self.scheduler.append)
         sampled = time.perf_counter()
+        # what drafts cost is the forward pass and the verification's sampling
+        self.scheduler.step_cost.observe(sum(item.num_query_tokens for item in batch),
+                                         (ran - scheduled) + (sampled - sampling_start))
         for run in runs:
             if run.drafts:
                 self.scheduler.computed(run.item, run.accepted)

@@ -19,7 +19,7 @@ from collections import deque
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import SeqStatus, Sequence
-from ember.engine.spec.policy import StepCost
+from ember.engine.spec.policy import DraftPriors, StepCost, allocate
 from ember.engine.step import StepItem
 
 
@@ -34,7 +34,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
-        self.step_cost = StepCost()  # the runner's forward seconds per query position, for the draft bar
+        self.step_cost = StepCost()  # a step's seconds by query positions, for the draft policy
+        self.draft_priors = DraftPriors()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,20 +71,33 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _drafts(self, seq: Sequence, budget: int, bar: float) -> list[int]:
-        """Drafts for a decoding sequence: within the token budget, max_tokens (the token sampled after
-        them must fit), the context, the free blocks and its grammar."""
-        state = seq.drafting
-        if state is None or budget <= 1:
-            return []
-        room = min(budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1,
-                   self.max_model_len - seq.num_tokens - 1)
-        if room <= 0:
-            return []
-        drafts = state.drafts(seq.token_ids, seq.num_prompt_tokens, room, bar)
-        if drafts and seq.matcher is not None:
-            drafts = drafts[:seq.matcher.validate(drafts)]
-        return drafts[:self.block_manager.room(seq) - 1]
+    def _add_drafts(self, scheduled: list[StepItem]) -> None:
+        """Give decoding sequences the drafts that pay (ember.engine.spec.policy), within what is left of the
+        token budget, max_tokens (the token sampled after them must fit), the context, the free blocks and
+        their grammar."""
+        budget = self.max_num_batched_tokens - sum(item.num_query_tokens for item in scheduled)
+        decodes = [item for item in scheduled if item.num_new_tokens == 1 and item.samples
+                   and item.seq.num_output_tokens and item.seq.drafting is not None]
+        if budget <= 0 or not decodes:
+            return
+        tokens, sampled = self.max_num_batched_tokens - budget, sum(item.samples for item in scheduled)
+        cost = self.step_cost
+        bar = sampled * cost.cheapest_draft(tokens) / cost.seconds(tokens)  # below it, no draft can pay
+        proposals = []
+        for item in decodes:
+            seq = item.seq
+            room = min(budget, seq.params.max_tokens - seq.num_output_tokens - 1,
+                       self.max_model_len - seq.num_tokens - 1)
+            drafts = seq.drafting.drafts(seq.token_ids, seq.num_prompt_tokens, room, bar) if room > 0 else []
+            if drafts and seq.matcher is not None:
+                drafts = drafts[:seq.matcher.validate(drafts)]
+            proposals.append(drafts)
+        odds = [(item.seq.drafting.acceptance(), len(p)) for item, p in zip(decodes, proposals, strict=True)]
+        counts = allocate(odds, tokens, sampled, cost)
+        for item, drafts, count in zip(decodes, proposals, counts, strict=True):
+            item.drafts = drafts[:min(count, budget, self.block_manager.room(item.seq) - 1)]
+            budget -= len(item.drafts)
+            self.block_manager.grow(item.seq, 1 + len(item.drafts))
 
     def schedule(self) -> list[StepItem]:
         scheduled: list[StepItem] = []
@@ -93,7 +107,6 @@ class Scheduler:
 
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        bar = len(decodes) * self.step_cost.marginal_ratio(len(decodes))
         for seq in decodes + prefills:
             if seq.status is not SeqStatus.RUNNING or budget() == 0:
                 continue
@@ -105,9 +118,8 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                drafts = self._drafts(seq, budget(), bar) if n == 1 and seq.num_output_tokens else []
-                self.block_manager.grow(seq, n + len(drafts))
-                scheduled.append(StepItem(seq, n, drafts))
+                self.block_manager.grow(seq, n)
+                scheduled.append(StepItem(seq, n))
         while self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.admit(seq, budget()):
@@ -119,6 +131,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(StepItem(seq, min(seq.num_tokens - seq.num_computed_tokens, budget())))
+        self._add_drafts(scheduled)
         now = time.perf_counter()
         for item in scheduled:
             if item.seq.timings.scheduled is None:

@@ -63,6 +63,7 @@ class _Choice:
         self.token_ids: list[int] = []  # everything generated, for raw_output
         self.logprobs: list[TokenLogprob] = []
         self.sent = self.done = False
+        self.counted = 0  # of the last output's tokens, those the usage counts
 
     def _echo(self, out: StepOutput) -> tuple[str, list[TokenOut]]:
         ids = self.prompt.token_ids
@@ -93,6 +94,9 @@ class _Choice:
             emit += self.matcher.flush()
         self.emitted += len(emit)
         self.done = stopped or out.finished
+        # usage counts the tokens up to the one that completed a stop string: a step that brought several
+        # (accepted drafts) counts what one at a time would have
+        self.counted = sum(o < self.emitted for o in offsets) if stopped else len(out.token_ids)
         cut = len(self.pending) if out.finished and not stopped else \
             next((i for i, t in enumerate(self.pending) if t.offset >= self.emitted), len(self.pending))
         released, self.pending = self.pending[:cut], self.pending[cut:]
@@ -260,8 +264,8 @@ class Generation:
                     self.spec_stats[choice.index] = out.speculation
                 if choice.done:  # stopped by a stop string; the engine has not seen the abort yet
                     continue
-                self.completion_tokens += len(out.token_ids)
                 event = choice.step(out)
+                self.completion_tokens += choice.counted
                 if event is not None and event.index == 0 and event.finish_reason is not None:
                     self.finish_reason = event.finish_reason
                 if choice.done:

@@ -1,21 +1,20 @@
 """How many drafts each sequence gets in a step: as many as pay for themselves.
 
-Verifying a draft costs one more query position in the step; it pays when the chance that it is
-accepted (the sequence's per-draft acceptance rate to the power of its place in the run) exceeds the
-extra position's cost relative to the tokens the step yields anyway. With B decodes in a step of T
-query positions costing t(T) seconds, a draft at place j is worth it while
-
-    acceptance ** j  >=  B * t'(T) / t(T)
-
-where t' is the cost of one more position, both taken from a line fitted to the engine's own recent
-step times. A lone stream on a CPU (one step's cost mostly reading the weights) drafts freely; a large
-batch (every position already paying its own arithmetic) drafts only for sequences that almost always
-accept, and with enough of them not at all. A sequence whose acceptance falls below its bar stops
-drafting and probes again after a cool-down that doubles each time it fails.
+Drafts are the last thing a step takes: the decodes, prefill chunks and admissions are scheduled first,
+and drafts fill what is left of the token budget and the free blocks, so they never delay a prompt or
+preempt anyone. Draft j of a sequence yields a token with probability acceptance ** j (its proposer's
+recent per-draft acceptance); it costs the step one more query position. `allocate` takes drafts best
+first while they raise the step's tokens per second, reading costs from `StepCost`, a table of
+forward-pass times measured on this machine at start-up. A lone stream on a CPU (a step's cost mostly
+reading the weights) drafts freely; a large batch (every position already paying its own arithmetic)
+drafts only for sequences that almost always accept, and with enough of them not at all. A proposer
+whose acceptance falls below the bar where even its first draft could pay stops drafting for the
+sequence, and probes again after a cool-down that doubles each time it fails.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,46 +23,115 @@ from ember.engine.request import SpecStats
 from ember.engine.spec.ngram import lookup
 from ember.engine.spec.prediction import PredictionCursor
 
-MAX_DRAFTS_PREDICTION = 16  # a prediction is usually right for long runs
-MAX_DRAFTS_LOOKUP = 8
+MAX_DRAFTS = 16  # per sequence and step; the allocation decides how many of them pay
 _PRIOR_PREDICTION = 0.9  # acceptance assumed before a sequence has verified anything
 _PRIOR_LOOKUP = 0.5
 _MEMORY = 0.8  # weight of the past in the per-sequence acceptance estimate, per verification
+_PRIOR_MEMORY = 0.95  # the same for the estimate across sequences
+_PRIOR_WEIGHT = 4.0  # verifications' worth of the prior in a sequence's estimate (shrinks early luck)
+_MARGIN = 0.05  # how much faster (tokens per second) a step must be expected to be to draft at all
 _COOLDOWN_STEPS = 8
 
 
 class StepCost:
-    """Forward-pass seconds as a line in query positions, fitted with exponential forgetting; until the
-    steps seen vary enough, the marginal position is assumed to cost a tenth of a one-position step
-    (a small model on a CPU measured 0.7 ms against 7.4 ms)."""
+    """What a step costs by its query positions T, in seconds.
 
-    def __init__(self, memory: float = 0.98) -> None:
-        self.memory = memory
-        self.sums = np.zeros(5)  # weight, T, T^2, t, T*t
+    The shape comes from start-up (`calibrate`: a forward pass and a greedy verification for a grid of T,
+    read through its running maximum, since more positions never cost less whatever one measurement's
+    noise says), the level from the steps that run (`observe`: attention over long contexts, sampling at a
+    temperature). Drafts are priced by the shape: t(T) measured, plus the calibrated difference between
+    T + D and T positions. Products run in tiles of rows, so the shape is far from a line: on a Sapphire
+    Rapids core pair SmolLM2-135M measured 19.7 ms at T = 16 and 24.4 ms at T = 17."""
+
+    GRID = (1, 2, 3, 4, 6, 8, 9, 12, 16, 17, 20, 24, 32, 33, 40, 48, 64, 65, 96, 128)
+    _MEMORY = 0.9  # weight of the past in a measured step time, per step that runs at that T
+
+    def __init__(self) -> None:
+        self.measured: dict[int, float] = {}  # steps as they ran
+        self._xs = np.array([1.0, 2.0])  # the calibrated curve: T and the running maximum of seconds
+        self._ys = np.array([1.0, 1.1])  # until calibrated: a lone decode mostly reads weights
+
+    def calibrate(self, run: Callable[[int], float], max_tokens: int) -> None:
+        """`run(T)` times one step of T query positions, for the grid up to max_tokens (after one untimed
+        pass: the first one pages weights in)."""
+        run(1)
+        grid = [t for t in self.GRID if t <= max_tokens]
+        self._xs = np.array(grid, dtype=np.float64)
+        self._ys = np.maximum.accumulate([run(t) for t in grid])
 
     def observe(self, tokens: int, seconds: float) -> None:
-        self.sums = self.sums * self.memory + np.array([1.0, tokens, tokens * tokens, seconds, tokens * seconds])
+        old = self.measured.get(tokens)
+        self.measured[tokens] = seconds if old is None else self._MEMORY * old + (1 - self._MEMORY) * seconds
 
-    def marginal_ratio(self, tokens: int) -> float:
-        """t'(T) / t(T): the cost of one more position relative to the whole step."""
-        w, x, xx, y, xy = self.sums
-        if w == 0:
-            return 0.1 / (1 + 0.1 * (tokens - 1))
-        mean_x, mean_y = x / w, y / w
-        var = xx / w - mean_x * mean_x
-        slope = (xy / w - mean_x * mean_y) / var if var > 1.0 else 0.1 * mean_y / (1 + 0.1 * (mean_x - 1))
-        slope = max(slope, 1e-9)
-        intercept = max(mean_y - slope * mean_x, slope)
-        return slope / (intercept + slope * tokens)
+    def calibrated(self, tokens: int) -> float:
+        xs, ys = self._xs, self._ys
+        if tokens <= xs[-1] or len(xs) == 1:
+            return float(np.interp(tokens, xs, ys))
+        return float(ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (tokens - xs[-1]))
+
+    def cheapest_draft(self, tokens: int, most: int = 32) -> float:
+        """The least a draft position costs on average, over adding 1 to `most` of them to a step."""
+        base = self.calibrated(tokens)
+        return min((self.calibrated(tokens + d) - base) / d for d in range(1, most + 1))
+
+    def seconds(self, tokens: int, drafts: int = 0) -> float:
+        """A step of `tokens` positions, plus `drafts` more."""
+        base = self.measured.get(tokens) or self.calibrated(tokens)
+        return base + (self.calibrated(tokens + drafts) - self.calibrated(tokens) if drafts else 0.0)
+
+
+def allocate(proposals: list[tuple[float, int]], tokens: int, sampled: int, cost: StepCost) -> list[int]:
+    """How many of each sequence's proposed drafts to verify, given (acceptance, drafts proposed) per
+    sequence, a step of `tokens` query positions that yields `sampled` tokens without drafts, and its cost.
+
+    Draft j of a sequence yields a token with probability acceptance ** j, so drafts are taken best
+    first, and the step keeps the number that maximises tokens per second: (sampled + expected accepted)
+    / t(tokens, drafts), if that beats the step without drafts by _MARGIN (estimates are noisy; a
+    marginal gain is not worth the risk). Costs come in steps (row tiles), so the best count is searched,
+    not stopped at the first draft that does not pay."""
+    candidates = sorted(((acceptance ** j, s) for s, (acceptance, n) in enumerate(proposals)
+                         for j in range(1, n + 1)), reverse=True)
+    best_rate, best, gain = sampled / cost.seconds(tokens) * (1 + _MARGIN), 0, 0.0
+    for n, (value, _) in enumerate(candidates, start=1):
+        gain += value
+        rate = (sampled + gain) / cost.seconds(tokens, n)
+        if rate > best_rate:
+            best_rate, best = rate, n
+    counts = [0] * len(proposals)
+    for _, s in candidates[:best]:
+        counts[s] += 1
+    return counts
+
+
+@dataclass
+class DraftPriors:
+    """Each proposer's acceptance over every sequence lately: where a new sequence's estimate starts, so
+    that a workload whose drafts mostly fail stops drafting from its first steps."""
+
+    prediction: float = _PRIOR_PREDICTION
+    lookup: float = _PRIOR_LOOKUP
+
+    def record(self, kind: str, observed: float) -> None:
+        setattr(self, kind, _PRIOR_MEMORY * getattr(self, kind) + (1 - _PRIOR_MEMORY) * observed)
 
 
 @dataclass
 class _Source:
     """One proposer's record with one sequence."""
 
-    acceptance: float  # estimated chance that a draft is accepted, given the one before it was
+    kind: str  # "prediction" or "lookup"
+    priors: DraftPriors
+    hits: float = 0.0  # accepted drafts, decayed by _MEMORY per verification
+    trials: float = 0.0  # drafts that were verified (to the first rejection), decayed alike
     cooldown: int = 0  # steps to skip it
     failures: int = 0  # consecutive times its acceptance fell below the bar
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft is accepted, given the one before it was: its record, shrunk
+        toward the proposer's acceptance across sequences while the record is short."""
+        prior = getattr(self.priors, self.kind)
+        return (self.hits + _PRIOR_WEIGHT * prior) / (self.trials + _PRIOR_WEIGHT)
 
     def worth(self, bar: float, limit: int) -> int:
         """How many drafts from it pay now (acceptance ** j >= bar), cooling it down when none do."""
@@ -72,8 +140,8 @@ class _Source:
             return 0
         if self.acceptance < bar:
             self.failures += 1
-            self.cooldown = _COOLDOWN_STEPS << min(self.failures, 6)
-            self.acceptance = max(self.acceptance, bar)  # the probe after the cool-down gets its chance
+            self.cooldown = _COOLDOWN_STEPS << min(self.failures, 3)
+            self.hits, self.trials = self.hits / 2, self.trials / 2  # the probe after the cool-down: a chance
             return 0
         if self.acceptance >= 1 or bar <= 0:
             return limit
@@ -81,7 +149,9 @@ class _Source:
 
     def verified(self, proposed: int, accepted: int) -> None:
         trials = accepted + (accepted < proposed)
-        self.acceptance = _MEMORY * self.acceptance + (1 - _MEMORY) * accepted / trials
+        self.hits = _MEMORY * self.hits + accepted
+        self.trials = _MEMORY * self.trials + trials
+        self.priors.record(self.kind, accepted / trials)
         if accepted:
             self.failures = 0
 
@@ -89,7 +159,7 @@ class _Source:
 @dataclass
 class DraftState:
     """One sequence's speculation: its proposers (the prediction's cursor, prompt lookup), their records,
-    and its counts. Each step the proposer with the better record that pays and has drafts gives them."""
+    and its counts. Each step the proposer whose drafts promise more accepted tokens gives them."""
 
     cursor: PredictionCursor | None
     lookup: _Source | None  # None: prompt lookup not allowed
@@ -99,17 +169,21 @@ class DraftState:
 
     def drafts(self, context: list[int], num_prompt: int, limit: int, bar: float) -> list[int]:
         """Drafts worth verifying now (at most `limit`), or none."""
-        self.source = None
-        for source in sorted(filter(None, (self.prediction, self.lookup)), key=lambda s: -s.acceptance):
-            if source is self.prediction:
-                found = self.cursor.propose(context[num_prompt:], source.worth(bar, min(limit, MAX_DRAFTS_PREDICTION)))
-            else:
-                k = source.worth(bar, min(limit, MAX_DRAFTS_LOOKUP))
-                found = lookup(np.asarray(context, dtype=np.int64), k) if k else []
-            if found:
-                self.source = source
-                return found
-        return []
+        self.source, best, gain = None, [], 0.0
+        for source in filter(None, (self.prediction, self.lookup)):
+            k = source.worth(bar, min(limit, MAX_DRAFTS))
+            if not k:
+                continue
+            found = self.cursor.propose(context[num_prompt:], k) if source is self.prediction else \
+                lookup(np.asarray(context, dtype=np.int64), k)
+            expected = sum(source.acceptance ** j for j in range(1, len(found) + 1))
+            if expected > gain:
+                self.source, best, gain = source, found, expected
+        return best
+
+    def acceptance(self) -> float:
+        """The estimated acceptance of the drafts last proposed."""
+        return self.source.acceptance if self.source is not None else 0.0
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Record a verification: `accepted` of `proposed` drafts kept."""
@@ -133,11 +207,11 @@ class DraftState:
             self.cursor.observe(token)
 
 
-def new_draft_state(prediction: list[int] | None, lookup_allowed: bool) -> DraftState | None:
+def new_draft_state(prediction: list[int] | None, lookup_allowed: bool, priors: DraftPriors) -> DraftState | None:
     if not prediction and not lookup_allowed:
         return None
     state = DraftState(cursor=PredictionCursor(prediction) if prediction else None,
-                       lookup=_Source(_PRIOR_LOOKUP) if lookup_allowed else None,
-                       prediction=_Source(_PRIOR_PREDICTION) if prediction else None)
+                       lookup=_Source("lookup", priors) if lookup_allowed else None,
+                       prediction=_Source("prediction", priors) if prediction else None)
     state.stats.prediction_tokens = len(prediction or [])
     return state

@@ -22,7 +22,7 @@ from ember.engine.sampler import SamplingRow, sample
 from ember.engine.step import StepItem
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """One sample's tokens in a step, drawn from the logit rows from `first_row` on: one per draft and one
     after them."""
@@ -41,19 +41,45 @@ class Run:
 Append = Callable[[SamplingRow, int, float | None], str | None]
 
 
+def _history_free(row: SamplingRow) -> bool:
+    """Greedy with nothing that reads earlier tokens: every position's token is known at once."""
+    p = row.params
+    return (p.greedy and row.matcher is None and p.repetition_penalty == 1 and not p.frequency_penalty
+            and not p.presence_penalty)
+
+
+def _take(run: Run, position: int, token: int, logprob: TokenLogprob | None, mu: float | None,
+          append: Append) -> bool:
+    """The token sampled at `position` joins the run; whether sampling goes on after it."""
+    run.tokens.append(token)
+    run.logprobs.append(logprob)
+    run.reason = append(run.seq, token, mu)
+    accepted = position < len(run.drafts) and token == run.drafts[position]
+    run.accepted += accepted
+    return accepted and run.reason is None
+
+
 def verify(runs: list[Run], logits: torch.Tensor, append: Append) -> None:
-    """Fill each run's tokens, logprobs, accepted drafts and finish reason."""
-    active, position = runs, 0
+    """Fill each run's tokens, logprobs, accepted drafts and finish reason. Greedy runs whose tokens do not
+    depend on the ones before take all their positions in one sampler call; the others go position by
+    position, each position one call for every run still going."""
+    at_once = [r for r in runs if r.drafts and _history_free(r.seq)]
+    if at_once:
+        rows = [r.first_row + j for r in at_once for j in range(len(r.drafts) + 1)]
+        out = sample(logits[torch.tensor(rows, device=logits.device)],
+                     [r.seq for r in at_once for _ in range(len(r.drafts) + 1)])
+        first = 0
+        for run in at_once:
+            for j in range(len(run.drafts) + 1):
+                i = first + j
+                if not _take(run, j, out.token_ids[i], out.logprobs[i], out.mirostat_mu[i], append):
+                    break
+            first += len(run.drafts) + 1
+    active, position = [r for r in runs if r not in at_once], 0
     while active:
         rows = torch.tensor([r.first_row + position for r in active], device=logits.device)
         out = sample(logits[rows], [r.seq for r in active])
-        still = []
-        for run, token, logprob, mu in zip(active, out.token_ids, out.logprobs, out.mirostat_mu, strict=True):
-            run.tokens.append(token)
-            run.logprobs.append(logprob)
-            run.reason = append(run.seq, token, mu)
-            if position < len(run.drafts) and token == run.drafts[position]:
-                run.accepted += 1
-                if run.reason is None:
-                    still.append(run)
-        active, position = still, position + 1
+        active = [run for run, token, logprob, mu in zip(active, out.token_ids, out.logprobs, out.mirostat_mu,
+                                                          strict=True)
+                  if _take(run, position, token, logprob, mu, append)]
+        position += 1
