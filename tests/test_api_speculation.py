@@ -293,3 +293,18 @@ def test_speculation_counts_are_summed_over_choices(tokenizer):
     assert gen.usage()["completion_tokens_details"] == {"accepted_prediction_tokens": 4,
                                                         "rejected_prediction_tokens": 2, "reasoning_tokens": 0,
                                                         "audio_tokens": 0}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_closing_a_stream_mid_prediction_frees_every_block(server, n):
+    """A client gone while drafts are being verified: its sequences end at the next step, nothing held."""
+    prediction = "Once upon a time there was a little fox who lived in a forest. " * 40
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=2000,
+        stream=True, n=n, extra_body={"ignore_eos": True}, prediction={"type": "content", "content": prediction})
+    for i, _ in enumerate(stream):
+        if i == 4 + n:
+            break
+    stream.close()
+    stats = server.wait_idle(timeout=5)
+    assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0

@@ -412,7 +412,7 @@ static struct {
     _Atomic int64_t done;
     task_fn fn;
     void *ctx;
-    int64_t n_chunks;
+    _Atomic int64_t n_chunks;
 } pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static inline void cpu_relax(void) {
@@ -422,7 +422,10 @@ static inline void cpu_relax(void) {
 }
 
 /* Take chunks of job `gen` until none is left; the generation in the counter keeps a late thread
- * from taking a chunk of a later job with a stale view of it. */
+ * from taking a chunk of a later job with a stale view of it. A chunk claimed (the compare-exchange
+ * succeeded while the counter still held this generation) is this job's: parallel_for closes the
+ * counter before it writes the next job's fn, ctx and n_chunks, so a thread that read the next job's
+ * n_chunks can no longer claim anything with it. */
 static void run_chunks(uint32_t gen) {
     for (;;) {
         uint64_t v = atomic_load(&pool.next);
@@ -460,11 +463,15 @@ static void parallel_for(task_fn fn, void *ctx, int64_t n_chunks) {
         for (int64_t c = 0; c < n_chunks; c++) fn(ctx, c);
         return;
     }
+    uint32_t gen = atomic_load(&pool.gen) + 1;
+    /* closed first: a thread still in the last job's run_chunks must not claim a chunk between here and
+     * the opening below (with this job's n_chunks and the last one's counter, it ran a chunk twice,
+     * with a ctx from a finished call's stack: a crash) */
+    atomic_store(&pool.next, ((uint64_t)gen << 32) | 0xffffffffu);
     pool.fn = fn;
     pool.ctx = ctx;
-    pool.n_chunks = n_chunks;
+    atomic_store(&pool.n_chunks, n_chunks);
     atomic_store(&pool.done, 0);
-    uint32_t gen = atomic_load(&pool.gen) + 1;
     atomic_store(&pool.next, (uint64_t)gen << 32);
     pthread_mutex_lock(&pool.mu);
     atomic_store(&pool.gen, gen);
