@@ -15,7 +15,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.sampler import sample
 from ember.engine.sequence import Sequence
 from ember.engine.spec.ngram import lookup
-from ember.engine.spec.policy import StepCost, allocate
+from ember.engine.spec.policy import DraftPriors, StepCost, allocate, new_draft_state
 from ember.engine.spec.prediction import PredictionCursor
 from ember.engine.spec.verify import Run, verify
 from tests.test_sampler import chi_square, chi_square_critical, make_row, random_logits
@@ -380,3 +380,26 @@ def test_allocation_maximises_tokens_per_second():
     import itertools
     best = max(itertools.product(*(range(n + 1) for _, n in proposals)), key=rate)
     assert rate(counts) == pytest.approx(rate(best), rel=0.02)
+
+
+def test_a_proposer_out_of_favour_keeps_an_honest_record_through_its_shadows():
+    """Proposals not verified are checked against the tokens that come instead: once the text turns
+    repetitive, prompt lookup is trusted again without a single draft verified in between."""
+    priors = DraftPriors(lookup=0.05)  # lookups failed everywhere lately
+    state = new_draft_state(None, True, priors)
+    context = [5, 6, 7, 8, 9, 10, 11, 12] * 2 + [5, 6]
+    bar = 0.3
+    assert state.drafts(context, 0, 16, bar) == []  # 0.05 < bar: a shadow only
+    assert [s.tokens for s in state.shadows] == [[7, 8, 9, 10]]
+    for _ in range(6):  # the text keeps repeating: every shadow comes true
+        for token in [7, 8, 9, 10, 11, 12, 5, 6]:
+            context.append(token)
+            state.observe(token)
+            state.drafts(context, 0, 16, bar)
+    assert state.lookup.acceptance > 0.6 and priors.lookup > 0.05
+    state.lookup.cooldown = 0
+    state.shadows.clear()
+    drafts = state.drafts(context, 0, 16, bar)
+    assert drafts[:4] == [7, 8, 9, 10] and state.acceptance() > bar
+    state.using(len(drafts))
+    assert not state.shadows and state.stats.proposed == 0  # shadows never count as speculation

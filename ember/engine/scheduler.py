@@ -96,6 +96,7 @@ class Scheduler:
         counts = allocate(odds, tokens, sampled, cost)
         for item, drafts, count in zip(decodes, proposals, counts, strict=True):
             item.drafts = drafts[:min(count, budget, self.block_manager.room(item.seq) - 1)]
+            item.seq.drafting.using(len(item.drafts))
             budget -= len(item.drafts)
             self.block_manager.grow(item.seq, 1 + len(item.drafts))
 

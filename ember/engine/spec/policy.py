@@ -7,9 +7,10 @@ recent per-draft acceptance); it costs the step one more query position. `alloca
 first while they raise the step's tokens per second, reading costs from `StepCost`, a table of
 forward-pass times measured on this machine at start-up. A lone stream on a CPU (a step's cost mostly
 reading the weights) drafts freely; a large batch (every position already paying its own arithmetic)
-drafts only for sequences that almost always accept, and with enough of them not at all. A proposer
-whose acceptance falls below the bar where even its first draft could pay stops drafting for the
-sequence, and probes again after a cool-down that doubles each time it fails.
+drafts only for sequences that almost always accept, and with enough of them not at all. A proposal
+that is not verified is still checked against the tokens that come (a shadow), so every proposer's
+acceptance stays current without costing the model anything: one that fell below the bar where even
+its first draft could pay comes back as soon as its shadows say the text has turned repetitive.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _PRIOR_MEMORY = 0.95  # the same for the estimate across sequences
 _PRIOR_WEIGHT = 4.0  # verifications' worth of the prior in a sequence's estimate (shrinks early luck)
 _MARGIN = 0.05  # how much faster (tokens per second) a step must be expected to be to draft at all
 _COOLDOWN_STEPS = 8
+_SHADOW_TOKENS = 4  # of a proposal not verified, checked against the output (settled within 4 tokens)
 
 
 class StepCost:
@@ -126,8 +128,7 @@ class _Source:
     priors: DraftPriors
     hits: float = 0.0  # accepted drafts, decayed by _MEMORY per verification
     trials: float = 0.0  # drafts that were verified (to the first rejection), decayed alike
-    cooldown: int = 0  # steps to skip it
-    failures: int = 0  # consecutive times its acceptance fell below the bar
+    cooldown: int = 0  # steps before it proposes again
 
     @property
     def acceptance(self) -> float:
@@ -137,55 +138,83 @@ class _Source:
         return (self.hits + _PRIOR_WEIGHT * prior) / (self.trials + _PRIOR_WEIGHT)
 
     def worth(self, bar: float, limit: int) -> int:
-        """How many drafts from it pay now (acceptance ** j >= bar), cooling it down when none do."""
-        if self.cooldown:
-            self.cooldown -= 1
-            return 0
-        if self.acceptance < bar:
-            self.failures += 1
-            self.cooldown = _COOLDOWN_STEPS << min(self.failures, 3)
-            self.hits, self.trials = self.hits / 2, self.trials / 2  # the probe after the cool-down: a chance
-            return 0
+        """How many drafts pay now: acceptance ** j >= bar."""
         if self.acceptance >= 1 or bar <= 0:
             return limit
-        return min(limit, int(np.log(bar) / np.log(self.acceptance)))
+        return max(0, min(limit, int(np.log(bar) / np.log(self.acceptance))))
 
     def verified(self, proposed: int, accepted: int) -> None:
         trials = accepted + (accepted < proposed)
         self.hits = _MEMORY * self.hits + accepted
         self.trials = _MEMORY * self.trials + trials
         self.priors.record(self.kind, accepted / trials)
-        if accepted:
-            self.failures = 0
+
+
+@dataclass
+class _Shadow:
+    """A proposal that was not verified, checked against the tokens that came instead: a proposer keeps an
+    honest record while it is not trusted (or not needed), at no cost to the model."""
+
+    source: _Source
+    tokens: list[int]
+    matched: int = 0
+
+    def follows(self, token: int) -> bool:
+        """Take the next output token; False once the proposal is settled (and recorded)."""
+        if token == self.tokens[self.matched]:
+            self.matched += 1
+            if self.matched < len(self.tokens):
+                return True
+        self.source.verified(len(self.tokens), self.matched)
+        return False
 
 
 @dataclass
 class DraftState:
     """One sequence's speculation: its proposers (the prediction's cursor, prompt lookup), their records,
-    and its counts. Each step the proposer whose drafts promise more accepted tokens gives them."""
+    and its counts. Each step every proposer proposes; the one whose drafts promise more accepted tokens
+    (if its acceptance clears the bar) gives them, and the others' proposals are shadows. A proposer whose
+    acceptance is under the bar proposes only every _COOLDOWN_STEPS steps, as a shadow."""
 
     cursor: PredictionCursor | None
     lookup: _Source | None  # None: prompt lookup not allowed
     prediction: _Source | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     source: _Source | None = None  # where the drafts under verification came from
+    shadows: list[_Shadow] = field(default_factory=list)
 
     def drafts(self, context: list[int], num_prompt: int, limit: int, bar: float) -> list[int]:
         """Drafts worth verifying now (at most `limit`), or none."""
         self.source, best, gain = None, [], 0.0
         for source in filter(None, (self.prediction, self.lookup)):
-            k = source.worth(bar, min(limit, MAX_DRAFTS))
-            if not k:
+            if source.cooldown:
+                source.cooldown -= 1
                 continue
-            found = self.cursor.propose(context[num_prompt:], k) if source is self.prediction else \
-                lookup(np.asarray(context, dtype=np.int64), k)
+            if any(shadow.source is source for shadow in self.shadows):
+                continue  # its last proposal is still being checked
+            found = self.cursor.propose(context[num_prompt:], min(limit, MAX_DRAFTS)) if source is self.prediction \
+                else lookup(np.asarray(context, dtype=np.int64), min(limit, MAX_DRAFTS))
+            if not found:
+                continue
+            self.shadows.append(_Shadow(source, found[:_SHADOW_TOKENS]))
+            if source.acceptance < bar:
+                source.cooldown = _COOLDOWN_STEPS
+                continue
+            found = found[:source.worth(bar, len(found))]
             expected = sum(source.acceptance ** j for j in range(1, len(found) + 1))
             if expected > gain:
                 self.source, best, gain = source, found, expected
         return best
 
+    def using(self, count: int) -> None:
+        """The allocation's verdict on the drafts offered: `count` of them are verified this step."""
+        if count:
+            self.shadows = [shadow for shadow in self.shadows if shadow.source is not self.source]
+        else:
+            self.source = None
+
     def acceptance(self) -> float:
-        """The estimated acceptance of the drafts last proposed."""
+        """The estimated acceptance of the drafts offered."""
         return self.source.acceptance if self.source is not None else 0.0
 
     def verified(self, proposed: int, accepted: int) -> None:
@@ -205,9 +234,11 @@ class DraftState:
         self.source.verified(proposed, accepted)
 
     def observe(self, token: int) -> None:
-        """Every output token, in order: the prediction's cursor follows them."""
+        """Every output token, in order: the prediction's cursor and the shadows follow them."""
         if self.cursor is not None:
             self.cursor.observe(token)
+        if self.shadows:
+            self.shadows = [shadow for shadow in self.shadows if shadow.follows(token)]
 
 
 def new_draft_state(prediction: list[int] | None, lookup_allowed: bool, priors: DraftPriors) -> DraftState | None:
