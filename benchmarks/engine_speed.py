@@ -18,22 +18,25 @@ from ember.models.loader import load_weights
 
 
 def step_times(engine: LLMEngine, rng: random.Random, prompt_len: int, max_tokens: int) -> list[float]:
+    """Seconds per output token of each step (a step with accepted drafts yields several)."""
     prompt = [rng.randrange(1000, 40000) for _ in range(prompt_len)]  # random ids: no prefix-cache hit
     engine.add_request(f"r{rng.random()}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                                    ignore_eos=True))
     times = []
     while engine.has_work():
         start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
+        tokens = sum(len(out.token_ids) for out in engine.step())
+        times.append((time.perf_counter() - start) / max(tokens, 1))
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", nargs="?", default=None)
+    parser.add_argument("--speculation", default="off", help="prompt-lookup drafts too (default: off, plain decode)")
     args = parser.parse_args()
-    engine = LLMEngine(EngineConfig(model=args.gguf), load_weights(args.gguf, packed=True), [])
+    engine = LLMEngine(EngineConfig(model=args.gguf, speculation=args.speculation),
+                       load_weights(args.gguf, packed=True), [])
     rng = random.Random(0)
     step_times(engine, rng, 16, 4)  # warm up
     decode = statistics.median(step_times(engine, rng, 16, 33)[1:])  # the first step is the prefill

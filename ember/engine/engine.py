@@ -129,7 +129,7 @@ class LLMEngine:
         self.last_step: StepPhases | None = None
         self.on_step: Callable[[StepPhases], None] | None = None  # e.g. metrics; called on the engine thread
         self._seed_rng = random.Random(config.seed)
-        self.scheduler.step_cost.calibrate(self._time_forward, min(config.max_num_batched_tokens, 128,
+        self.scheduler.step_cost.calibrate(self._time_forward, min(config.max_num_batched_tokens,
                                                                    num_blocks * config.block_size))
         log.info("engine ready", extra={"device": str(device), "dtype": str(dtype), "kv_blocks": num_blocks,
                                         "weights": "quantized" if placement.packed else str(dtype),

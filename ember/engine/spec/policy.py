@@ -45,7 +45,7 @@ class StepCost:
     T + D and T positions. Products run in tiles of rows, so the shape is far from a line: on a Sapphire
     Rapids core pair SmolLM2-135M measured 19.7 ms at T = 16 and 24.4 ms at T = 17."""
 
-    GRID = (1, 2, 4, 8, 9, 12, 16, 17, 24, 32, 33, 48, 64, 65, 128)
+    GRID = (1, 2, 4, 8, 9, 12, 16, 17, 24, 32, 33, 48, 64)  # past it, along its last two points
     _MEMORY = 0.9  # weight of the past in a measured step time, per step that runs at that T
 
     def __init__(self) -> None:
