@@ -5,8 +5,11 @@ through a BufferedWriter so that the database never slows or fails an inference 
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Engine
 
+from ember.store import responses
 from ember.store.config import StoreConfig
 from ember.store.db import connect, migrate
 from ember.store.usage import UsageRecord, aggregate, usage_records
@@ -26,6 +29,28 @@ class Store:
     def usage_summary(self, start: float, end: float, bucket: str = "hour", model: str | None = None,
                       group_by: str | None = None) -> list[dict]:
         return aggregate(self.engine, start, end, bucket, model, group_by)
+
+    # Responses API objects (ember.store.responses): each call is one transaction, run off the event loop
+    def put_response(self, response: dict[str, Any], input_items: list[dict[str, Any]],
+                     previous_response_id: str | None) -> None:
+        responses.put(self.engine, response, input_items, previous_response_id)
+
+    def get_response(self, response_id: str) -> dict[str, Any] | None:
+        return responses.get(self.engine, response_id)
+
+    def delete_response(self, response_id: str) -> bool:
+        return responses.delete(self.engine, response_id)
+
+    def list_responses(self, limit: int = 20, after: str | None = None, before: str | None = None,
+                       order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
+        return responses.list_responses(self.engine, limit, after, before, order)
+
+    def list_input_items(self, response_id: str, limit: int = 20, after: str | None = None, before: str | None = None,
+                         order: str = "desc") -> tuple[list[dict[str, Any]], bool] | None:
+        return responses.list_input_items(self.engine, response_id, limit, after, before, order)
+
+    def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
+        return responses.conversation(self.engine, response_id)
 
     def close(self) -> None:
         self.usage.close()

@@ -4,6 +4,7 @@ by Alembic when it opens (the revisions live in migrations/versions, one table f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -34,3 +35,15 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def storable(value: Any) -> Any:
+    """The value with every string storable: a client's lone surrogates (legal in JSON, not in UTF-8) escaped as
+    `\\ud800`, as the error bodies write them, through JSON's dicts and lists."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value

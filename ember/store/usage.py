@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Engine, Float, Integer, String, Table, and_, func, select
 
-from ember.store.db import METADATA
+from ember.store.db import METADATA, storable
 
 usage_records = Table(  # the schema of migrations/versions/0001_usage_records.py
     "usage_records", METADATA,
@@ -59,17 +59,8 @@ class UsageRecord:
     metadata: dict[str, str] | None = field(default=None)
 
     def row(self) -> dict[str, Any]:
-        """The row to insert, its text storable: a client's lone surrogates (legal in JSON, not in UTF-8)
-        escaped as `\\ud800`, as the error bodies write them."""
-        return {k: _storable(v) for k, v in asdict(self).items()}
-
-
-def _storable(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_storable(k): _storable(v) for k, v in value.items()}
-    return value
+        """The row to insert, its text storable (a client's lone surrogates escaped)."""
+        return {k: storable(v) for k, v in asdict(self).items()}
 
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
