@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from ember.api import chat, completions, health, metrics, models, usage
+from ember.api import chat, completions, health, metrics, models, responses, usage
 from ember.api.config import ServerConfig
 from ember.api.errors import install_error_handlers
 from ember.api.guard import Guard, GuardConfig
@@ -77,7 +77,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.store = store
     install_error_handlers(app)
     for prefix in API_PREFIXES:
-        for router in (chat.router, completions.router, models.router, health.stats_router, usage.router):
+        for router in (chat.router, completions.router, responses.router, models.router, health.stats_router,
+                       usage.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
     if config.metrics:

@@ -41,6 +41,8 @@ class Shape:
     opening: Callable[[int], dict] | None = None  # a first chunk per choice (chat announces the role)
     # return_token_ids: completions give each choice its prompt's ids; chat gives its one prompt's at the top
     prompt_ids_per_choice: bool = False
+    # the whole JSON answer from the finished choices, where it is not a list of choices (the Responses API)
+    answer: Callable[[Generation, list[ChoiceEvent]], dict] | None = None
 
 
 def new_request_id() -> str:
@@ -154,9 +156,12 @@ async def _answer(request: Request, body: GenerationRequest, gen: Generation, sh
             task.cancel()  # closes the engine streams: their sequences abort and free their KV blocks
             await asyncio.gather(task, return_exceptions=True)
             return Response(status_code=499)
-    choices = [_choice(gen, shape, shape.choice, ev) for ev in task.result()]
-    content = {**envelope, "object": shape.object, **_top(body, gen, shape), "choices": choices,
-               "usage": gen.usage()}
+    if shape.answer is not None:
+        content = shape.answer(gen, task.result())
+    else:
+        choices = [_choice(gen, shape, shape.choice, ev) for ev in task.result()]
+        content = {**envelope, "object": shape.object, **_top(body, gen, shape), "choices": choices,
+                   "usage": gen.usage()}
     if body.perf_metrics_in_response:
         content["perf_metrics"] = perf_metrics(gen)
     return JSONResponse(content, headers={**_headers(request, gen, envelope["id"]), **_perf(gen)})

@@ -1,0 +1,114 @@
+"""The Responses API against a real server with the `openai` SDK: create (text, items, instructions, a
+JSON schema parsed into a pydantic model, function tools), max_output_tokens, stored responses read,
+listed, paged and deleted, `previous_response_id` chains served from the prefix cache and surviving a
+restart, `store: false`, and bad fields as 400s naming them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.server import MODEL, launch
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}}
+
+
+def _create(client: openai.OpenAI, **kw):
+    return client.responses.create(model=MODEL, temperature=0, **{"max_output_tokens": 24, **kw})
+
+
+def test_text_in_text_out_and_the_same_as_chat(server):
+    client = server.client()
+    r = _create(client, input="Name three colours.", instructions="Answer briefly.")
+    assert r.id.startswith("resp_") and r.output_text
+    assert r.output[0].type == "message" and r.output[0].id.startswith("msg_")
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=24, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three colours."}])
+    assert r.output_text == chat.choices[0].message.content  # one template, one engine: the same answer
+    assert r.status == {"stop": "completed", "length": "incomplete"}[chat.choices[0].finish_reason]
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_max_output_tokens_makes_it_incomplete(server):
+    r = _create(server.client(), input="Tell me a long story.", max_output_tokens=5)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 5
+
+
+class Colours(BaseModel):
+    colours: list[Annotated[str, Field(max_length=10)]] = Field(max_length=2)
+
+
+def test_a_json_schema_format_parses_into_a_model(server):
+    parsed = server.client().responses.parse(model=MODEL, input="List two colours as JSON.", text_format=Colours,
+                                             temperature=0, max_output_tokens=60)
+    assert isinstance(parsed.output_parsed, Colours)
+
+
+def test_a_function_tool_round_trip(server):
+    client = server.client()
+    first = _create(client, input="What is the weather in Paris?", tools=[WEATHER],
+                    tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40)
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id and call.id.startswith("fc_")
+    assert "city" in call.arguments
+    final = _create(client, previous_response_id=first.id, tools=[WEATHER], tool_choice="none",
+                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert final.status == "completed" and final.output_text
+    assert all(item.type == "message" for item in final.output)
+
+
+def test_stored_responses_are_read_listed_paged_and_deleted(server):
+    client = server.client()
+    made = [_create(client, input=f"Say the number {i}.", max_output_tokens=6) for i in range(3)]
+    got = client.responses.retrieve(made[1].id)
+    assert got.id == made[1].id and got.output_text == made[1].output_text
+    (item,) = client.responses.input_items.list(made[1].id).data
+    assert item.type == "message" and item.content[0].text == "Say the number 1."
+    page = client.get("/responses", cast_to=dict, options={"params": {"limit": 2}})
+    assert [r["id"] for r in page["data"]] == [made[2].id, made[1].id] and page["has_more"]
+    rest = client.get("/responses", cast_to=dict, options={"params": {"limit": 2, "after": made[1].id}})
+    assert rest["data"][0]["id"] == made[0].id
+    client.responses.delete(made[1].id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made[1].id)
+    with pytest.raises(openai.NotFoundError):
+        _create(client, input="Go on.", previous_response_id=made[1].id)
+    unstored = _create(client, input="Hello", store=False)
+    assert unstored.id is None and unstored.output_text  # Fireworks: nothing stored, so no id
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"include": ["file_search_call.results"]}, "include"),
+    ({"temperature": 5}, "temperature"),
+    ({"stream": True}, "stream"),
+    ({"no_such_field": 1}, "no_such_field"),
+    ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
+])
+def test_bad_fields_are_4xx_naming_them(server, fields, param):
+    r = server.post("/v1/responses", {"model": MODEL, "input": "hi", **fields})
+    assert r.status_code in (400, 404), r.text
+    assert param in (r.json()["error"]["param"] or ""), r.json()
+
+
+def test_a_chain_reuses_the_prefix_cache_and_survives_a_restart(tmp_path):
+    data = {"EMBER_DATA_DIR": str(tmp_path / "data")}
+    with launch(env=data, log=tmp_path / "one.log") as s:
+        client = s.client()
+        first = _create(client, input="My name is Ada. Say hello.", max_output_tokens=12)
+        second = _create(client, input="What is my name?", previous_response_id=first.id, max_output_tokens=12)
+        turn_one = first.usage.input_tokens + first.usage.output_tokens
+        assert second.usage.input_tokens_details.cached_tokens >= 0.9 * turn_one - 16  # all but a partial block
+    with launch(env=data, log=tmp_path / "two.log") as s:
+        client = s.client()
+        third = _create(client, input="Say it once more.", previous_response_id=second.id, max_output_tokens=12)
+        assert third.output_text and third.usage.input_tokens > second.usage.input_tokens
+        assert client.responses.retrieve(first.id).output_text == first.output_text
