@@ -68,17 +68,23 @@ def postgres() -> Iterator[Postgres]:
     server.remove()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_config(request, tmp_path) -> StoreConfig:
+def clean_store_config(request, tmp_path: Path, tables: list, **kw) -> StoreConfig:
+    """A store config on SQLite in tmp_path or on the module's PostgreSQL (request.param), those tables
+    emptied first: one config per test, both databases."""
     if request.param == "sqlite":
-        return StoreConfig(data_dir=str(tmp_path), flush_interval=0.1)
-    server = request.getfixturevalue("postgres")
-    config = StoreConfig(database_url=server.url, flush_interval=0.1)
-    store = Store(config)  # a clean table for each test
+        return StoreConfig(data_dir=str(tmp_path), **kw)
+    config = StoreConfig(database_url=request.getfixturevalue("postgres").url, **kw)
+    store = Store(config)
     with store.engine.begin() as connection:
-        connection.execute(usage_records.delete())
+        for table in tables:
+            connection.execute(table.delete())
     store.close()
     return config
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_config(request, tmp_path) -> StoreConfig:
+    return clean_store_config(request, tmp_path, [usage_records], flush_interval=0.1)
 
 
 def _record(i: int, ts: float, **kw) -> UsageRecord:

@@ -10,27 +10,12 @@ from typing import Any
 import pytest
 
 from ember.store import Store, StoreConfig, responses
-from tests.test_store import Postgres
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = Postgres()
-    yield server
-    server.remove()
+from tests.test_store import clean_store_config, postgres  # noqa: F401  (postgres: a fixture)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_config(request, tmp_path) -> StoreConfig:
-    if request.param == "sqlite":
-        return StoreConfig(data_dir=str(tmp_path))
-    config = StoreConfig(database_url=request.getfixturevalue("postgres").url)
-    store = Store(config)  # empty tables for each test
-    with store.engine.begin() as connection:
-        connection.execute(responses.response_input_items.delete())
-        connection.execute(responses.responses.delete())
-    store.close()
-    return config
+    return clean_store_config(request, tmp_path, [responses.response_input_items, responses.responses])
 
 
 @pytest.fixture

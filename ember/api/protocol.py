@@ -257,12 +257,9 @@ class FunctionChoice(_Strict):
         return self.function.name if self.function else self.name  # type: ignore[return-value]
 
 
-class GenerationRequest(_Strict):
-    """Fields shared by chat and text completions."""
+class SamplingFields(_Strict):
+    """The sampling fields every generating endpoint takes (chat, completions, responses)."""
 
-    model: str
-    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 only to score an echoed prompt
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=100)] | None = None
@@ -271,13 +268,21 @@ class GenerationRequest(_Strict):
     repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
+
+
+class GenerationRequest(SamplingFields):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 only to score an echoed prompt
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None  # token id -> bias
     mirostat_target: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # tau, in bits
     mirostat_lr: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     ignore_eos: bool = False
     # true: OpenAI's format with `top_logprobs` alternatives; an int: the legacy format with that many
     logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
-from ember.api.protocol import MAX_TOOLS, MIN_REPETITION_PENALTY, FunctionName, NotYetSupported, _Strict
+from ember.api.protocol import MAX_TOOLS, FunctionName, NotYetSupported, SamplingFields, _Strict
 from ember.serving.errors import FieldError
 
 MAX_INPUT_ITEMS = 10_000
@@ -115,7 +115,7 @@ class TextConfig(_Strict):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(SamplingFields):  # temperature, top_p, and Fireworks' extras as chat takes them
     # OpenAI's fields that change nothing at these values, and are not supported at any other
     not_yet: ClassVar[dict[str, tuple]] = {
         "background": (False,), "conversation": (), "prompt": (), "context_management": (),
@@ -130,16 +130,6 @@ class ResponsesRequest(_Strict):
     store: bool = True
     stream: bool = False
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    # Fireworks' sampling extras, as chat takes them
-    top_k: Annotated[int, Field(ge=0, le=100)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    typical_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["auto", "none", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
