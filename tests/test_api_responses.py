@@ -65,6 +65,42 @@ def test_a_function_tool_round_trip(server):
     assert all(item.type == "message" for item in final.output)
 
 
+def test_a_stream_as_the_sdks_helper_reads_it(server):
+    client = server.client()
+    with client.responses.stream(model=MODEL, input="Name three colours.", max_output_tokens=300,
+                                 temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text and final.status == "completed" and final.usage.output_tokens > 0
+    assert client.responses.retrieve(final.id).output_text == deltas  # stored once the stream ended
+    unstreamed = _create(client, input="Name three colours.", max_output_tokens=300)
+    assert unstreamed.output_text == deltas
+    # cut short: the last event says so
+    with client.responses.stream(model=MODEL, input="Tell me a long story.", max_output_tokens=5) as stream:
+        *_, last = list(stream)
+    assert last.type == "response.incomplete" and last.response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_a_streamed_function_call(server):
+    with server.client().responses.stream(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          max_output_tokens=40, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    (call,) = final.output
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert call.type == "function_call" and call.arguments == deltas and "city" in deltas
+    assert [e.type for e in events][-3:] == ["response.function_call_arguments.done", "response.output_item.done",
+                                             "response.completed"]
+
+
 def test_stored_responses_are_read_listed_paged_and_deleted(server):
     client = server.client()
     made = [_create(client, input=f"Say the number {i}.", max_output_tokens=6) for i in range(3)]
@@ -89,7 +125,6 @@ def test_stored_responses_are_read_listed_paged_and_deleted(server):
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"include": ["file_search_call.results"]}, "include"),
     ({"temperature": 5}, "temperature"),
-    ({"stream": True}, "stream"),
     ({"no_such_field": 1}, "no_such_field"),
     ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
 ])

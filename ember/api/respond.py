@@ -8,7 +8,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ember.api.protocol import GenerationRequest
 from ember.api.records import record
-from ember.api.sse import stream_response
+from ember.api.sse import event_stream, stream_response
 from ember.serving.generate import ChoiceEvent, Generation
 from ember.serving.models import ServedModel
 
@@ -43,6 +43,8 @@ class Shape:
     prompt_ids_per_choice: bool = False
     # the whole JSON answer from the finished choices, where it is not a list of choices (the Responses API)
     answer: Callable[[Generation, list[ChoiceEvent]], dict] | None = None
+    # the SSE frames of a stream, where they are not chat chunks (the Responses API's typed events)
+    events: Callable[[Generation], AsyncIterator[str]] | None = None
 
 
 def new_request_id() -> str:
@@ -140,6 +142,8 @@ def _choice(gen: Generation, shape: Shape, make: ChunkChoice, ev: ChoiceEvent) -
 def _answer_stream(request: Request, body: GenerationRequest, gen: Generation, shape: Shape,
                    release: Callable[[], None]) -> Response:
     envelope = _envelope(body, gen, shape)
+    if shape.events is not None:
+        return event_stream(shape.events(gen), _headers(request, gen, envelope["id"]), release)
     opening = [shape.opening(i) for i in range(gen.num_choices)] if shape.opening else []
     perf = (lambda: perf_metrics(gen)) if body.perf_metrics_in_response else None
     return stream_response(gen, {**envelope, "object": shape.chunk_object},

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -63,6 +64,7 @@ def _chat_request(body: ResponsesRequest, messages: list[dict], max_model_len: i
     """The chat completion a Responses request amounts to (validated as one: the same limits apply)."""
     chat: dict[str, Any] = {k: getattr(body, k) for k in _SAME if getattr(body, k) is not None}
     chat["messages"] = messages
+    chat["stream"] = body.stream
     if body.max_output_tokens is not None:
         chat["max_tokens"] = body.max_output_tokens
     if body.tools:
@@ -89,11 +91,80 @@ def _chat_request(body: ResponsesRequest, messages: list[dict], max_model_len: i
         raise RequestError(f"{error['msg']} (in the conversation as chat messages)", "input") from exc
 
 
+class _EventWriter:
+    """The typed SSE events of a streamed response, numbered in order."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def __call__(self, kind: str, **data: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence, **data}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _stream(gen: Generation, skeleton: dict, finish: Callable[[Generation, list[ChoiceEvent]], dict],
+                  store: Callable[[dict], Awaitable[None]]) -> AsyncIterator[str]:
+    """response.created and .in_progress; per output item .output_item.added, its text or arguments as
+    deltas, then .done events; response.completed (or .incomplete) with the whole response and usage,
+    which is also what is stored. Items are laid out as the unstreamed answer lays them out: the text
+    message first, then the function calls."""
+    event = _EventWriter()
+    yield event("response.created", response=skeleton)
+    yield event("response.in_progress", response=skeleton)
+    message: dict | None = None
+    calls: dict[int, dict] = {}
+    merged = ChoiceEvent(0, "")
+    events = gen.events()
+    try:
+        async for ev in events:
+            merged.text += ev.text
+            merged.tool_calls += ev.tool_calls
+            merged.finish_reason = ev.finish_reason or merged.finish_reason
+            if ev.text:
+                if message is None:
+                    message = {"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
+                               "content": []}
+                    yield event("response.output_item.added", output_index=0, item=message)
+                    yield event("response.content_part.added", item_id=message["id"], output_index=0,
+                                content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                yield event("response.output_text.delta", item_id=message["id"], output_index=0, content_index=0,
+                            delta=ev.text, logprobs=[])
+            for delta in ev.tool_calls:
+                call = calls.get(delta.index)
+                if call is None:
+                    call = calls[delta.index] = {"type": "function_call", "id": new_id("fc"), "call_id": delta.id,
+                                                 "name": delta.name, "arguments": "", "status": "in_progress"}
+                    yield event("response.output_item.added", output_index=len(calls) - (message is None), item=call)
+                call["arguments"] += delta.arguments
+                if delta.arguments:
+                    yield event("response.function_call_arguments.delta", item_id=call["id"],
+                                output_index=len(calls) - (message is None), delta=delta.arguments)
+    finally:
+        await events.aclose()
+    final = finish(gen, [merged])
+    for index, item in enumerate(final["output"]):  # the finished items, with the ids the stream used
+        if item["type"] == "message":
+            item["id"] = message["id"] if message is not None else item["id"]
+            if message is None:
+                yield event("response.output_item.added", output_index=index, item={**item, "content": []})
+            part = item["content"][0]
+            yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                        text=part["text"], logprobs=[])
+            yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part)
+        else:
+            streamed = next(c for c in calls.values() if c["call_id"] == item["call_id"])
+            item["id"] = streamed["id"]
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+    await store(final)
+    yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+
+
 @router.post("/responses")
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
-    if body.stream:
-        raise RequestError("streaming Responses are not supported by this server yet", "stream",
-                           code="unsupported_parameter")
     model = request.app.state.registry.get(body.model)
     history: list[dict] = []
     if body.previous_response_id is not None:
@@ -104,7 +175,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         history = found
     items = input_items(body.input)
     chat = _chat_request(body, chat_messages(body.instructions, history + items), model.max_model_len)
-    response_id = new_id("resp") if body.store else None
+    storing = body.store and getattr(request.app.state, "store", None) is not None  # no store: nothing kept
+    response_id = new_id("resp") if storing else None
     created = time.time()
 
     def answer(gen: Generation, events: list[ChoiceEvent]) -> dict:
@@ -114,12 +186,17 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
                                usage(u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
                                      u["completion_tokens"]), created)
 
+    async def store(final: dict) -> None:
+        if storing:
+            await asyncio.to_thread(_store(request).put_response, final, items, body.previous_response_id)
+
+    skeleton = {**response_object(response_id, body, [], None, None, created), "status": "in_progress"}
     safe = request.app.state.config.safe_tokenization
-    response = await respond(request, chat, model, lambda: plan_chat(model, chat, safe),
-                             Shape("resp", "response", "", lambda ev: {}, lambda ev: {}, answer=answer))
-    if body.store and response.status_code == 200:
-        await asyncio.to_thread(_store(request).put_response, json.loads(response.body), items,
-                                body.previous_response_id)
+    shape = Shape("resp", "response", "", lambda ev: {}, lambda ev: {}, answer=answer,
+                  events=lambda gen: _stream(gen, skeleton, answer, store))
+    response = await respond(request, chat, model, lambda: plan_chat(model, chat, safe), shape)
+    if not body.stream and response.status_code == 200:
+        await store(json.loads(response.body))
     return response
 
 

@@ -21,6 +21,24 @@ def frame(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def event_stream(frames: AsyncIterator[str], headers: dict[str, str], on_end: Callable[[], None]) -> StreamingResponse:
+    """SSE frames as they come, for streams that are not chat chunks (the Responses API's typed events):
+    a failure mid-stream is reported in-band, and `on_end` runs as in stream_response."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for data in frames:
+                yield data
+        except Exception:
+            log.exception("stream failed")
+            yield frame(error_body("internal server error", code="internal_error", type_="internal_server_error"))
+        finally:
+            await frames.aclose()
+            on_end()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache"}, background=BackgroundTask(on_end))
+
+
 def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[ChoiceEvent], dict],
                     opening: list[dict], first_extra: dict, include_usage: bool,
                     perf_metrics: Callable[[], dict] | None, headers: dict[str, str],
