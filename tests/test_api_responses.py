@@ -147,3 +147,36 @@ def test_a_chain_reuses_the_prefix_cache_and_survives_a_restart(tmp_path):
         third = _create(client, input="Say it once more.", previous_response_id=second.id, max_output_tokens=12)
         assert third.output_text and third.usage.input_tokens > second.usage.input_tokens
         assert client.responses.retrieve(first.id).output_text == first.output_text
+
+
+def test_an_openai_agents_sdk_agent_runs_a_tool_through_ember(server):
+    """The openai-agents SDK's default model is the Responses API: an agent with one function tool, the
+    call forced (the tiny model would not always choose it), its result the run's final output."""
+    import asyncio
+
+    from agents import (
+        Agent,
+        ModelSettings,
+        Runner,
+        function_tool,
+        set_default_openai_api,
+        set_default_openai_client,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    set_default_openai_client(server.aclient(), use_for_tracing=False)
+    set_default_openai_api("responses")
+    calls = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    agent = Agent(name="weather", instructions="Answer with the weather tool.", model=MODEL, tools=[get_weather],
+                  model_settings=ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48),
+                  tool_use_behavior="stop_on_first_tool")
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?"))
+    assert len(calls) == 1 and result.final_output == f"sunny in {calls[0]}"
