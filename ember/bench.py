@@ -49,7 +49,7 @@ class BenchConfig:
     concurrency: int = 16
     max_tokens: int = 64
     prompt_tokens: int = 100
-    endpoint: str = "chat"  # chat | completions
+    endpoint: str = "chat"  # chat | completions | responses
     temperature: float = 0.0
     sampling_mix: bool = False  # cycle requests through MIXED_SAMPLING instead of one temperature
     ignore_eos: bool = False
@@ -119,7 +119,10 @@ def parse_sse_line(line: str) -> dict | None:
 
 
 def chunk_text(chunk: dict) -> str:
-    """The generated text in one streamed chunk (chat `delta.content` or completions `text`)."""
+    """The generated text in one streamed chunk (chat `delta.content`, completions `text`, or a Responses
+    `response.output_text.delta` event)."""
+    if chunk.get("type") == "response.output_text.delta":
+        return chunk.get("delta") or ""
     out = ""
     for choice in chunk.get("choices") or []:
         out += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
@@ -186,7 +189,11 @@ def build_request(config: BenchConfig, index: int, model: str) -> tuple[str, dic
                             "stream": True, "stream_options": {"include_usage": True}}
     if config.sampling_mix:
         body.update(MIXED_SAMPLING[index % len(MIXED_SAMPLING)])
-    if config.endpoint == "chat":
+    if config.endpoint == "responses":  # the same request in the Responses API's names
+        body = {"model": model, "input": prompt, "max_output_tokens": config.max_tokens,
+                "temperature": config.temperature, "stream": True, "store": False}
+        path = "/responses"
+    elif config.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
         path = "/chat/completions"
     else:
@@ -200,6 +207,14 @@ def build_request(config: BenchConfig, index: int, model: str) -> tuple[str, dic
         body["prediction"] = {"type": "content", "content": prediction}
     body.update(config.extra())
     return path, body
+
+
+def _responses_usage(chunk: dict) -> dict | None:
+    """A Responses stream's usage, from its last event, in chat's names."""
+    if chunk.get("type") not in ("response.completed", "response.incomplete"):
+        return None
+    usage = (chunk.get("response") or {}).get("usage") or {}
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")}
 
 
 class StreamTimer:
@@ -225,7 +240,7 @@ class StreamTimer:
             else:
                 self.result.itls.append(now - self.last)
             self.last = now
-        usage = chunk.get("usage")
+        usage = chunk.get("usage") or _responses_usage(chunk)
         if usage:
             self.result.usage_reported = True
             self.result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -451,7 +466,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-tokens", type=int, default=d.max_tokens, help="output tokens a request (default %(default)s)")
     a("--prompt-tokens", type=int, default=d.prompt_tokens,
       help="approximate prompt length in SmolLM2 tokens, template included (default %(default)s)")
-    a("--endpoint", choices=["chat", "completions"], default=d.endpoint)
+    a("--endpoint", choices=["chat", "completions", "responses"], default=d.endpoint,
+      help="responses: the same requests through POST /v1/responses (typed events; no --ignore-eos, "
+           "--eos-bias or --sampling-mix there)")
     a("--temperature", type=float, default=d.temperature, help="(default %(default)s)")
     a("--sampling-mix", action="store_true",
       help="cycle requests through greedy, top-k, min-p, typical-p, Mirostat, penalties, logit_bias "

@@ -136,6 +136,21 @@ def test_workloads_code_edit_and_rewrite(tokenizer):
     assert "prediction" not in rewrite and 130 <= words * 1.3 <= 260
 
 
+def test_responses_requests_and_their_events():
+    path, body = build_request(BenchConfig(endpoint="responses", ignore_eos=True, max_tokens=9), 2, "m")
+    assert path == "/responses" and body["input"] and body["max_output_tokens"] == 9 and body["ignore_eos"]
+    assert "messages" not in body and "max_tokens" not in body and body["stream"]
+    timer = StreamTimer(0.0)
+    timer.feed('data: {"type":"response.created","sequence_number":0,"response":{}}', 0.1)
+    timer.feed('data: {"type":"response.output_text.delta","delta":"Hi","sequence_number":1}', 0.2)
+    timer.feed('data: {"type":"response.output_text.delta","delta":" there","sequence_number":2}', 0.3)
+    timer.feed('data: {"type":"response.completed","sequence_number":3,"response":{"usage":'
+               '{"input_tokens":12,"output_tokens":2}}}', 0.35)
+    r = timer.finish(0.4)
+    assert r.ttft == pytest.approx(0.2) and r.itls == [pytest.approx(0.1)]
+    assert (r.prompt_tokens, r.completion_tokens, r.usage_reported) == (12, 2, True)
+
+
 def test_config_from_namespace_dict_and_flags():
     args = parse(["--num-requests", "5", "-c", "2", "--eos-bias", "2", "--json-out", "x.json"])
     cfg = BenchConfig.from_any(args)

@@ -29,7 +29,8 @@ router = APIRouter()
 # chat fields a Responses request carries over as they are
 _SAME = ("model", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
          "presence_penalty", "seed", "parallel_tool_calls", "user", "prompt_cache_key", "prompt_cache_isolation_key",
-         "perf_metrics_in_response", "metadata", "safety_identifier", "service_tier", "prompt_cache_retention")
+         "perf_metrics_in_response", "metadata", "safety_identifier", "service_tier", "prompt_cache_retention",
+         "ignore_eos")
 
 
 def _store(request: Request) -> Store:

@@ -130,6 +130,7 @@ class ResponsesRequest(SamplingFields):  # temperature, top_p, and Fireworks' ex
     store: bool = True
     stream: bool = False
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    ignore_eos: bool = False  # Fireworks' extra, as chat takes it
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["auto", "none", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
