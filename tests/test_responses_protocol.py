@@ -12,7 +12,7 @@ from ember.api.responses_protocol import ResponsesRequest
 from ember.serving.errors import FieldError
 from ember.serving.generate import ChoiceEvent
 from ember.serving.responses import chat_messages, input_items, output_items, response_object, usage
-from ember.serving.tools import ToolCallDelta
+from ember.serving.tools import Tool, ToolCallDelta, tool_grammar
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
@@ -90,3 +90,10 @@ def test_output_parses_as_the_sdks_response():
     (item,) = parsed.output
     assert item.type == "function_call" and item.call_id == "call_9" and item.arguments == "{\"city\": \"Paris\"}"
     assert parsed.status == "completed" and parsed.tools[0].name == "get_weather"
+
+
+def test_max_tool_calls_bounds_the_calls_the_grammar_allows():
+    tools = [Tool("f", {"type": "object"}, None)]
+    assert '("\\n" call){0,1}' in tool_grammar(tools, "auto", True, max_calls=2).source
+    assert "calls: call\n" in tool_grammar(tools, "auto", True, max_calls=1).source
+    assert '("\\n" call){0,7}' in tool_grammar(tools, "auto", True).source  # MAX_PARALLEL_CALLS without it

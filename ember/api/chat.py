@@ -53,8 +53,10 @@ SHAPE = Shape(
 )
 
 
-def plan_chat(model: ServedModel, body: ChatCompletionRequest, safe_tokenization: bool) -> Generation:
-    """The prompt, the grammar and the sampling plan: CPU work, run in the model's worker threads."""
+def plan_chat(model: ServedModel, body: ChatCompletionRequest, safe_tokenization: bool,
+              max_tool_calls: int | None = None) -> Generation:
+    """The prompt, the grammar and the sampling plan: CPU work, run in the model's worker threads.
+    `max_tool_calls` bounds parallel calls (the Responses API's field)."""
     mode = body.tool_mode
     tools = [Tool(f.name, f.parameters or NO_ARGUMENTS, f.description) for f in body.function_defs] \
         if mode != "none" else []
@@ -62,7 +64,7 @@ def plan_chat(model: ServedModel, body: ChatCompletionRequest, safe_tokenization
                          tools, safe_tokenization)
     if tools:
         grammar = tools_grammar(model.structured, tools, mode, body.parallel_tool_calls is not False,
-                                body.forced_function)
+                                body.forced_function, max_tool_calls)
     else:
         grammar = response_format_grammar(model.structured, body.response_format)
     return plan_generation(model, body, [prompt], "messages", new_request_id(), grammar, bool(tools))

@@ -195,7 +195,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     safe = request.app.state.config.safe_tokenization
     shape = Shape("resp", "response", "", lambda ev: {}, lambda ev: {}, answer=answer,
                   events=lambda gen: _stream(gen, skeleton, answer, store))
-    response = await respond(request, chat, model, lambda: plan_chat(model, chat, safe), shape)
+    response = await respond(request, chat, model, lambda: plan_chat(model, chat, safe, body.max_tool_calls), shape)
     if not body.stream and response.status_code == 200:
         await store(json.loads(response.body))
     return response

@@ -61,10 +61,10 @@ def compile_grammar(backend: Backend, spec: GrammarSpec, param: str) -> Grammar:
 
 
 def tools_grammar(backend: Backend, tools: list[Tool], choice: str, parallel: bool,
-                  function: str | None = None) -> Grammar:
+                  function: str | None = None, max_calls: int | None = None) -> Grammar:
     """When the tools' grammar does not compile, each parameters schema alone finds the culprit."""
     try:
-        return backend.compile(tool_grammar(tools, choice, parallel, function))
+        return backend.compile(tool_grammar(tools, choice, parallel, function, max_calls))
     except GrammarError as exc:
         for i, tool in enumerate(tools):
             compile_grammar(backend, GrammarSpec("json_schema", json.dumps(tool.parameters)),

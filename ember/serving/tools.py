@@ -91,8 +91,10 @@ def _call_schema(tool: Tool, at: str) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_grammar(tools: list[Tool], choice: str, parallel: bool, function: str | None = None) -> GrammarSpec:
-    """`choice` is "auto", "required" or "function": one call of `function` (once, as OpenAI does)."""
+def tool_grammar(tools: list[Tool], choice: str, parallel: bool, function: str | None = None,
+                 max_calls: int | None = None) -> GrammarSpec:
+    """`choice` is "auto", "required" or "function": one call of `function` (once, as OpenAI does).
+    Parallel calls number at most MAX_PARALLEL_CALLS, or `max_calls` (the Responses API's max_tool_calls)."""
     named = choice == "function"
     chosen = [t for t in tools if t.name == function] if named else tools
     if len(chosen) == 1:
@@ -100,7 +102,8 @@ def tool_grammar(tools: list[Tool], choice: str, parallel: bool, function: str |
     else:
         schema = {"anyOf": [_call_schema(t, f"#/anyOf/{i}") for i, t in enumerate(chosen)]}
     schema["x-guidance"] = _JSON_STYLE
-    calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel and not named else "call"
+    most = min(MAX_PARALLEL_CALLS, max_calls or MAX_PARALLEL_CALLS) if parallel and not named else 1
+    calls = f'call ("\\n" call){{0,{most - 1}}}' if most > 1 else "call"
     start = "TEXT | calls" if choice == "auto" else "calls"
     return GrammarSpec("lark", f"start: {start}\ncalls: {calls}\n"
                                f'call: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n'
