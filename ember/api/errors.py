@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -11,7 +10,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ember.api.records import record
 from ember.serving.errors import FieldError, RequestError
 
 log = logging.getLogger("ember.api")
@@ -84,47 +82,27 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, f"invalid value for `{param}`: {err.get('msg')}", param, "invalid_value")
 
 
-MODEL_PARSE_LIMIT = 1 << 20  # bytes of a refused body read again to name its model in the usage record
-
-
-async def _recorded(request: Request, response: JSONResponse) -> JSONResponse:
-    """A refused API request still leaves a usage record (the dashboard shows errors), with the model it
-    named when its body is small enough to read again."""
-    if "/v1/" in request.url.path:
-        model = ""
-        body = await request.body()
-        if 0 < len(body) <= MODEL_PARSE_LIMIT:
-            try:
-                named = json.loads(body).get("model")
-                model = named if isinstance(named, str) else ""
-            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested too deep
-                pass
-        record(request, response.status_code, model=model[:256], error_type=error_type(response.status_code))
-    return response
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await _recorded(request, validation_response(exc))
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(exc)
 
     @app.exception_handler(FieldError)
-    async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
-        return await _recorded(request, error_response(400, str(exc), exc.field, exc.code))
+    async def _field_error(_: Request, exc: FieldError) -> JSONResponse:
+        return error_response(400, str(exc), exc.field, exc.code)
 
     @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return await _recorded(request, error_response(exc.status, exc.message, exc.param, exc.code,
-                                                      getattr(exc, "retry_after", None)))
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.retry_after)
 
     @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         response = error_response(exc.status_code, str(exc.detail), None, code)
         response.headers.update(exc.headers or {})  # a 405's `allow` (RFC 9110)
-        return await _recorded(request, response)
+        return response
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return await _recorded(request, error_response(500, "internal server error", None, "internal_error"))
+        return error_response(500, "internal server error", None, "internal_error")

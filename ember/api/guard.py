@@ -45,6 +45,7 @@ OPEN_PATHS = frozenset({"/health", "/dashboard"})
 OPEN_PREFIXES = ("/dashboard/vendor/",)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # the routes behind the models' admission
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+MODEL_PARSE_LIMIT = 1 << 20  # bytes of a body parsed again to name its model in a usage row
 
 
 def _is_loopback(host: str) -> bool:
@@ -167,7 +168,7 @@ class Guard:
                          f"{limit} (--max-request-bytes)", "request_too_large")
             return
         try:
-            receive = await self._bounded_body(receive, limit)
+            body, receive = await self._bounded_body(receive, limit)
         except _BodyTooLarge:
             await _reply(send, 413, f"the request body exceeds {limit} bytes (--max-request-bytes)",
                          "request_too_large")
@@ -183,27 +184,48 @@ class Guard:
                 status.append(message["status"])
             await send(message)
 
-        await self.app(scope, receive, send_noting_status)
-        state = scope.get("state", {})
-        if status and "/v1/" in path and not state.get("recorded"):  # e.g. GET /v1/models: a row all the same
-            record(Request(scope), status[0], error_type=error_type(status[0]) if status[0] >= 400 else None)
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except Exception:  # (the app's 500 handler answers it outside this middleware)
+            status.append(500)
+            raise
+        finally:
+            # every /v1 request leaves a usage row: a generation's route writes its own; refusals (the dashboard
+            # shows errors) and the other routes get theirs here
+            if status and "/v1/" in path and not scope.get("state", {}).get("recorded"):
+                code = status[0]
+                record(Request(scope), code, model=_named_model(body),
+                       error_type=error_type(code) if code >= 400 else None)
 
-    async def _bounded_body(self, receive: Receive, limit: int) -> Receive:
-        """Read the whole body (at most `limit` bytes, within the body timeout) and hand the app a receive
-        that replays it, then passes the connection's later messages (disconnects) through."""
+    async def _bounded_body(self, receive: Receive, limit: int) -> tuple[bytes, Receive]:
+        """Read the whole body (at most `limit` bytes, within the body timeout); returns it and a receive for
+        the app that replays it, then passes the connection's later messages (disconnects) through."""
         chunks, size = [], 0
         async with asyncio.timeout(self.config.body_timeout):
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
-                    return _replay([message], receive)
+                    return b"", _replay([message], receive)
                 size += len(message.get("body", b""))
                 if size > limit:
                     raise _BodyTooLarge
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     break
-        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+        body = b"".join(chunks)
+        return body, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _named_model(body: bytes) -> str:
+    """The `model` a JSON body names, for the usage row of a request no route recorded ("" when there is
+    none, or the body is larger than is worth parsing again)."""
+    if not 0 < len(body) <= MODEL_PARSE_LIMIT:
+        return ""
+    try:
+        named = json.loads(body).get("model")
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested too deep
+        return ""
+    return named[:256] if isinstance(named, str) else ""
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

@@ -23,7 +23,7 @@ def record(request: Request, status: int, *, model: str = "", request_id: str = 
            latency: float | None = None, queue_time: float | None = None, error_type: str | None = None,
            body: object = None, gaps: list[float] | None = None) -> None:
     """`gaps`: seconds between the request's consecutive tokens (the inter-token histogram)."""
-    request.state.recorded = True  # (the guard records what no route or error handler did)
+    request.state.recorded = True  # (the guard records what no route did)
     endpoint = endpoint_of(request.url.path)
     if latency is None:
         started = getattr(request.state, "started", None)
