@@ -32,6 +32,7 @@ _PRIOR_MEMORY = 0.95  # the same for the estimate across sequences
 _PRIOR_WEIGHT = 4.0  # verifications' worth of the prior in a sequence's estimate (shrinks early luck)
 _MARGIN = 0.05  # how much faster (tokens per second) a step must be expected to be to draft at all
 _COOLDOWN_STEPS = 8
+_CHEAPEST_OVER = 32  # draft positions over which the cheapest average cost of one is sought
 _SHADOW_TOKENS = 4  # of a proposal not verified, checked against the output (settled within 4 tokens)
 
 
@@ -50,31 +51,39 @@ class StepCost:
 
     def __init__(self) -> None:
         self.measured: dict[int, float] = {}  # steps as they ran
-        self._xs = np.array([1.0, 2.0])  # the calibrated curve: T and the running maximum of seconds
-        self._ys = np.array([1.0, 1.1])  # until calibrated: a lone decode mostly reads weights
+        # the calibrated curve (T, running maximum of seconds); until calibrated a lone decode mostly reads weights
+        self._xs, self._ys = np.array([1.0, 2.0]), np.array([1.0, 1.1])
+        self._table: list[float] = []  # the curve at T = 0, 1, ...: read on every step, computed once
 
     def calibrate(self, run: Callable[[int], float], max_tokens: int) -> None:
         """`run(T)` times one step of T query positions, for the grid up to max_tokens: the faster of two
-        runs (a busy machine's hiccup is not the shape), after one untimed pass that pages weights in."""
+        runs (a busy machine's hiccup is not the shape), after one untimed pass that pages weights in.
+        The curve is tabulated up to the largest step a draft allocation can ask about."""
         run(1)
         grid = [t for t in self.GRID if t <= max_tokens]
         self._xs = np.array(grid, dtype=np.float64)
         self._ys = np.maximum.accumulate([min(run(t), run(t)) for t in grid])
+        self._table = self._curve(np.arange(max_tokens + _CHEAPEST_OVER + 1)).tolist()
 
     def observe(self, tokens: int, seconds: float) -> None:
         old = self.measured.get(tokens)
         self.measured[tokens] = seconds if old is None else self._MEMORY * old + (1 - self._MEMORY) * seconds
 
-    def calibrated(self, tokens: int) -> float:
+    def _curve(self, tokens: np.ndarray) -> np.ndarray:
+        """Interpolated within the grid, along its last two points past it."""
         xs, ys = self._xs, self._ys
-        if tokens <= xs[-1] or len(xs) == 1:
-            return float(np.interp(tokens, xs, ys))
-        return float(ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (tokens - xs[-1]))
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return np.where(tokens <= xs[-1], np.interp(tokens, xs, ys), ys[-1] + slope * (tokens - xs[-1]))
 
-    def cheapest_draft(self, tokens: int, most: int = 32) -> float:
-        """The least a draft position costs on average, over adding 1 to `most` of them to a step."""
+    def calibrated(self, tokens: int) -> float:
+        if tokens < len(self._table):
+            return self._table[tokens]
+        return float(self._curve(np.array(tokens)))
+
+    def cheapest_draft(self, tokens: int) -> float:
+        """The least a draft position costs on average, over adding 1 to _CHEAPEST_OVER of them to a step."""
         base = self.calibrated(tokens)
-        return min((self.calibrated(tokens + d) - base) / d for d in range(1, most + 1))
+        return min((self.calibrated(tokens + d) - base) / d for d in range(1, _CHEAPEST_OVER + 1))
 
     def seconds(self, tokens: int, drafts: int = 0) -> float:
         """A step of `tokens` positions, plus `drafts` more."""
