@@ -22,8 +22,9 @@ def frame(data: dict) -> str:
 
 
 def event_stream(frames: AsyncIterator[str], headers: dict[str, str], on_end: Callable[[], None]) -> StreamingResponse:
-    """SSE frames as they come, for streams that are not chat chunks (the Responses API's typed events):
-    a failure mid-stream is reported in-band, and `on_end` runs as in stream_response."""
+    """SSE frames as they come (chat chunks, the Responses API's typed events): a failure mid-stream is
+    reported in-band, as OpenAI's SDKs expect once the headers are gone; `on_end` (idempotent) runs when
+    the frames end and again after the response, for a client that left before the body began."""
     async def body() -> AsyncIterator[str]:
         try:
             async for data in frames:
@@ -55,7 +56,7 @@ def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[Cho
         pending_extra.clear()
         return frame(data)
 
-    async def body() -> AsyncIterator[str]:
+    async def chunks() -> AsyncIterator[str]:
         for choice in opening:
             yield chunk([choice])
         finished = 0
@@ -67,11 +68,6 @@ def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[Cho
                 if extra and perf_metrics:
                     extra["perf_metrics"] = perf_metrics()
                 yield chunk([chunk_choice(ev)], **extra)
-        except Exception:  # headers are gone: report in-band, as OpenAI's SDK expects
-            log.exception("stream failed")
-            yield frame(error_body("internal server error", code="internal_error",
-                                   type_="internal_server_error"))
-            return
         finally:
             await events.aclose()
             on_end()
@@ -79,5 +75,4 @@ def stream_response(gen: Generation, envelope: dict, chunk_choice: Callable[[Cho
             yield chunk([], usage=gen.usage())
         yield DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={**headers, "cache-control": "no-cache"}, background=BackgroundTask(on_end))
+    return event_stream(chunks(), headers, on_end)
