@@ -3,6 +3,7 @@ drain, body size) and, when asked, CORS; engines live with it."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,20 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from ember.api import chat, completions, health, metrics, models, responses, usage
+from ember.api import (
+    batch_jobs,
+    batches,
+    chat,
+    completions,
+    datasets,
+    files,
+    health,
+    metrics,
+    models,
+    responses,
+    usage,
+)
+from ember.api.batch.runner import JobRunner
 from ember.api.config import ServerConfig
 from ember.api.errors import install_error_handlers
 from ember.api.guard import Guard, GuardConfig
@@ -61,9 +75,13 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for m in registry:
             m.engine.start()
+        if runner is not None:
+            runner.start()  # jobs left unfinished by the last server resume here
         try:
             yield
         finally:
+            if runner is not None:
+                await runner.close()
             for m in registry:
                 m.engine.shutdown()
             if store is not None:
@@ -75,24 +93,29 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.draining = False
     app.state.metrics = metrics.Metrics(registry) if config.metrics else None
     app.state.store = store
+    app.state.signing_key = secrets.token_bytes(32)  # signs download URLs (ember.api.datasets); dies with the server
+    runner = JobRunner(app, store, registry, config.batch_concurrency, config.batch_max_lines) if store else None
+    app.state.batch_runner = runner
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         for router in (chat.router, completions.router, responses.router, models.router, health.stats_router,
-                       usage.router):
+                       usage.router, files.router, batches.router, datasets.router, batch_jobs.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
+    app.include_router(datasets.downloads_router)
     if config.metrics:
         app.include_router(metrics.router)
     app.include_router(usage.page_router)
     app.openapi = lambda: _openapi_without_422(app)
     app.add_middleware(Guard, config=GuardConfig.build(config.host, config.allowed_hosts, config.api_key,
                                                        config.api_key_file, config.max_request_bytes,
-                                                       config.body_timeout), state=app.state)
+                                                       config.body_timeout, config.max_upload_bytes),
+                       state=app.state)
     if config.cors_allow_origins:  # outermost: preflights and refusals carry the CORS headers too
         origins = [o.strip() for o in config.cors_allow_origins.split(",") if o.strip()]
         # credentials (cookies) never: an API key travels in a header, and "*" with credentials is unsafe
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
+                           allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"], allow_headers=["*"],
                            expose_headers=EXPOSED_HEADERS)
     return app
 

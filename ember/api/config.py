@@ -29,3 +29,8 @@ class ServerConfig:
     max_connections: int | None = None  # open connections + requests before uvicorn answers 503
     drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish
     metrics: bool = True  # off: no /metrics and nothing observed for it
+    # batch jobs (ember/api/batch): the largest upload (files, datasets), the lines of one job, and the lines a
+    # job keeps in flight (one fewer per live request)
+    max_upload_bytes: int = 200 * 2**20
+    batch_max_lines: int = 50_000
+    batch_concurrency: int = 32

@@ -57,29 +57,32 @@ def _param(loc: tuple, field: str | None = None) -> str | None:
     return out or None
 
 
-def validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+def describe_validation(errors: list[dict]) -> tuple[str, str | None, str]:
+    """A pydantic validation failure as (message, param, code): unknown fields first, else the error of the
+    union member that came closest."""
     unknown = [_param(tuple(e["loc"])) for e in errors if e.get("type") == "extra_forbidden"]
     if unknown:
         names = ", ".join(f"`{u}`" for u in unknown)
-        return error_response(400, f"unknown field{'s' if len(unknown) > 1 else ''} {names}", unknown[0],
-                              "unknown_field")
+        return f"unknown field{'s' if len(unknown) > 1 else ''} {names}", unknown[0], "unknown_field"
     # a union reports one error per member: the deepest location is the member that came closest
     err = max(reversed(errors), key=lambda e: len(e.get("loc", ())))
     kind, loc = err.get("type"), tuple(err.get("loc", ()))
     cause = (err.get("ctx") or {}).get("error")
     if kind == "json_invalid":
-        return error_response(400, f"the request body is not valid JSON: {err.get('msg')}", None,
-                              "invalid_json")
+        return f"the request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
     if isinstance(cause, FieldError):
-        return error_response(400, str(cause), _param(loc, cause.field), cause.code)
+        return str(cause), _param(loc, cause.field), cause.code
     param = _param(loc)
     if param is None:
         message = "a JSON object body is required" if kind == "missing" else f"invalid body: {err.get('msg')}"
-        return error_response(400, message, None, "invalid_body")
+        return message, None, "invalid_body"
     if kind == "missing":
-        return error_response(400, f"`{param}` is required", param, "missing_field")
-    return error_response(400, f"invalid value for `{param}`: {err.get('msg')}", param, "invalid_value")
+        return f"`{param}` is required", param, "missing_field"
+    return f"invalid value for `{param}`: {err.get('msg')}", param, "invalid_value"
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    return error_response(400, *describe_validation(exc.errors()))
 
 
 def install_error_handlers(app: FastAPI) -> None:

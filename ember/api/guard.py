@@ -30,6 +30,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
+from ember.api.batch.inprocess import batch_job_of
 from ember.api.errors import error_body, error_type
 from ember.api.records import record
 
@@ -42,8 +43,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # answered without a key: liveness probes, and the dashboard's page and script (they hold no data; the page
 # asks for the key and sends it with its requests for /v1/usage)
 OPEN_PATHS = frozenset({"/health", "/dashboard"})
-OPEN_PREFIXES = ("/dashboard/vendor/",)
+OPEN_PREFIXES = ("/dashboard/vendor/", "/downloads/")  # (a download URL is signed: ember.api.datasets)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # the routes behind the models' admission
+UPLOAD_PATHS = ("/v1/files", ":upload")  # POSTs of files: --max-upload-bytes, not --max-request-bytes
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 MODEL_PARSE_LIMIT = 1 << 20  # bytes of a body parsed again to name its model in a usage row
 
@@ -81,17 +83,18 @@ class GuardConfig:
     allowed_hosts: frozenset[str] | None = None  # None = any Host
     max_request_bytes: int = 32 * 2**20
     body_timeout: float = 60.0
+    max_upload_bytes: int = 200 * 2**20  # the bodies of file uploads (UPLOAD_PATHS)
 
     @classmethod
     def build(cls, host: str, allowed_hosts: str | None, api_key: str | None, api_key_file: str | None,
-              max_request_bytes: int, body_timeout: float) -> GuardConfig:
+              max_request_bytes: int, body_timeout: float, max_upload_bytes: int) -> GuardConfig:
         names: frozenset[str] | None
         if allowed_hosts:
             names = None if allowed_hosts.strip() == "*" else frozenset(
                 h.strip().lower() for h in allowed_hosts.split(",") if h.strip())
         else:
             names = LOOPBACK_NAMES if _is_loopback(host) else None
-        return cls(load_api_keys(api_key, api_key_file), names, max_request_bytes, body_timeout)
+        return cls(load_api_keys(api_key, api_key_file), names, max_request_bytes, body_timeout, max_upload_bytes)
 
 
 def _host_name(value: str) -> str:
@@ -144,13 +147,16 @@ class Guard:
         scope.setdefault("state", {})["started"] = time.perf_counter()  # (request.state.started: latencies)
         headers = dict(scope["headers"])
         hosts = self.config.allowed_hosts
-        if hosts is not None and _host_name(headers.get(b"host", b"").decode("latin-1")) not in hosts:
+        # a batch job's line (a scope no network client can make): authorised when the job was created
+        internal = batch_job_of(scope) is not None
+        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        if hosts is not None and not internal and host not in hosts:
             await _reply(send, 400, "this server answers only requests addressed to "
                          f"{', '.join(sorted(hosts))} (see --allowed-hosts)", "invalid_host")
             return
         path = scope["path"]
-        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-        if self.config.api_keys and not open_path and scope["method"] != "OPTIONS" and not self._key_ok(headers):
+        keyless = internal or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or scope["method"] == "OPTIONS"
+        if self.config.api_keys and not keyless and not self._key_ok(headers):
             await _reply(send, 401, "Incorrect API key provided: pass it as `Authorization: Bearer <key>`",
                          "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
@@ -162,15 +168,17 @@ class Guard:
                          "too_many_requests", [(b"retry-after", b"1")])
             return
         declared = headers.get(b"content-length")
-        limit = self.config.max_request_bytes
+        upload = scope["method"] == "POST" and path.endswith(UPLOAD_PATHS)
+        limit = self.config.max_upload_bytes if upload else self.config.max_request_bytes
+        flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _reply(send, 413, f"the request body has {int(declared)} bytes; this server takes at most "
-                         f"{limit} (--max-request-bytes)", "request_too_large")
+                         f"{limit} ({flag})", "request_too_large")
             return
         try:
             body, receive = await self._bounded_body(receive, limit)
         except _BodyTooLarge:
-            await _reply(send, 413, f"the request body exceeds {limit} bytes (--max-request-bytes)",
+            await _reply(send, 413, f"the request body exceeds {limit} bytes ({flag})",
                          "request_too_large")
             return
         except TimeoutError:

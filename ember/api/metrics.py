@@ -18,7 +18,8 @@ from ember.serving.models import ModelRegistry
 router = APIRouter()
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-ENDPOINTS = frozenset({"chat.completions", "completions", "models", "usage", "engine.stats"})
+ENDPOINTS = frozenset({"chat.completions", "completions", "responses", "models", "usage", "engine.stats", "files",
+                       "batches"})
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # (stats key, metric name, help); counters are monotonic engine counters, gauges are read as they are
@@ -74,6 +75,8 @@ class Metrics:
                                buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inter_token = Histogram("ember_inter_token_latency_seconds", "gaps between a request's tokens",
                                      ["model"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.batch_lines = Counter("ember_batch_requests", "batch job lines committed, by outcome", ["outcome"],
+                                   registry=self.registry)
         for m in models:
             m.engine.engine.on_step = self._step_observer(m.name)
 

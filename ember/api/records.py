@@ -9,6 +9,7 @@ import time
 
 from fastapi import Request
 
+from ember.api.batch.inprocess import batch_job_of
 from ember.store import UsageRecord
 
 
@@ -45,4 +46,4 @@ def record(request: Request, status: int, *, model: str = "", request_id: str = 
         prompt_cache_key=getattr(body, "prompt_cache_key", None),
         session_affinity=request.headers.get("x-session-affinity"),
         multi_turn_session_id=request.headers.get("x-multi-turn-session-id"),
-        metadata=getattr(body, "metadata", None)))
+        metadata=getattr(body, "metadata", None), batch_id=batch_job_of(request.scope)))

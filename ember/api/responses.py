@@ -19,10 +19,10 @@ from ember.api.chat import plan_chat
 from ember.api.protocol import ChatCompletionRequest
 from ember.api.respond import Shape, respond
 from ember.api.responses_protocol import ResponsesRequest
+from ember.api.state import store_of
 from ember.serving.errors import RequestError
 from ember.serving.generate import ChoiceEvent, Generation
 from ember.serving.responses import chat_messages, input_items, new_id, output_items, response_object, usage
-from ember.store import Store
 
 router = APIRouter()
 
@@ -31,14 +31,6 @@ _SAME = ("model", "temperature", "top_p", "top_k", "min_p", "typical_p", "repeti
          "presence_penalty", "seed", "parallel_tool_calls", "user", "prompt_cache_key", "prompt_cache_isolation_key",
          "perf_metrics_in_response", "metadata", "safety_identifier", "service_tier", "prompt_cache_retention",
          "ignore_eos")
-
-
-def _store(request: Request) -> Store:
-    store = getattr(request.app.state, "store", None)
-    if store is None:
-        raise RequestError("this server stores no responses (it was started with --no-usage-records)", None, 404,
-                           "not_found")
-    return store
 
 
 def _not_found(response_id: str, param: str | None = None) -> RequestError:
@@ -169,7 +161,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     model = request.app.state.registry.get(body.model)
     history: list[dict] = []
     if body.previous_response_id is not None:
-        found = await asyncio.to_thread(_store(request).conversation,
+        found = await asyncio.to_thread(store_of(request).conversation,
                                         _known_shape(body.previous_response_id, "previous_response_id"))
         if found is None:
             raise _not_found(body.previous_response_id, "previous_response_id")
@@ -189,7 +181,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 
     async def store(final: dict) -> None:
         if storing:
-            await asyncio.to_thread(_store(request).put_response, final, items, body.previous_response_id)
+            await asyncio.to_thread(store_of(request).put_response, final, items, body.previous_response_id)
 
     skeleton = {**response_object(response_id, body, [], None, None, created), "status": "in_progress"}
     safe = request.app.state.config.safe_tokenization
@@ -203,7 +195,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict:
-    found = await asyncio.to_thread(_store(request).get_response, _known_shape(response_id))
+    found = await asyncio.to_thread(store_of(request).get_response, _known_shape(response_id))
     if found is None:
         raise _not_found(response_id)
     return found
@@ -211,7 +203,7 @@ async def get_response(response_id: str, request: Request) -> dict:
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict:
-    if not await asyncio.to_thread(_store(request).delete_response, _known_shape(response_id)):
+    if not await asyncio.to_thread(store_of(request).delete_response, _known_shape(response_id)):
         raise _not_found(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
@@ -229,7 +221,7 @@ async def list_responses(request: Request, limit: Limit = 20, after: str | None 
                          order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc") -> dict:
     _cursors(after, before)
     try:
-        items, has_more = await asyncio.to_thread(_store(request).list_responses, limit, after, before, order)
+        items, has_more = await asyncio.to_thread(store_of(request).list_responses, limit, after, before, order)
     except ValueError as exc:
         raise RequestError(str(exc), "after" if after else "before") from exc
     return _page(items, has_more)
@@ -241,7 +233,7 @@ async def list_input_items(response_id: str, request: Request, limit: Limit = 20
                            order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc") -> JSONResponse:
     _cursors(after, before)
     try:
-        found = await asyncio.to_thread(_store(request).list_input_items, _known_shape(response_id), limit, after,
+        found = await asyncio.to_thread(store_of(request).list_input_items, _known_shape(response_id), limit, after,
                                         before, order)
     except ValueError as exc:
         raise RequestError(str(exc), "after" if after else "before") from exc

@@ -44,6 +44,9 @@ class SamplingParams:
     # a divergence), and the output is exactly what it would be without it
     prediction: list[int] | None = None
     speculate: bool = True  # False: no prompt-lookup drafts for this request (a prediction still drafts)
+    # scheduling class, lower first (vLLM's convention): live traffic 0, batch-job lines 1, service_tier
+    # "priority" -1; a step prefilling one class carries no work of a worse one, which yields to it
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:

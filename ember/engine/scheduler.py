@@ -4,9 +4,15 @@ Every step hands each scheduled sequence the tokens it computes (see ember.engin
 decoding sequence, plus any drafts worth verifying, or a chunk of its prompt. Decodes are scheduled
 first so a long prompt never stalls the sequences already generating; the remaining token budget goes
 to prefill chunks, then to newly admitted requests. When the KV cache runs out, the most recently
-admitted running sequence is preempted: its blocks are released (their contents stay in the prefix
-cache, so the recompute is often cheap) and it goes back to the head of the waiting queue. Drafts
-only ever use blocks that are free: they never preempt anything.
+admitted running sequence of the worst priority is preempted: its blocks are released (their contents
+stay in the prefix cache, so the recompute is often cheap) and it goes back to the head of its priority
+in the waiting queue. Drafts only ever use blocks that are free: they never preempt anything.
+
+Priorities (SamplingParams.priority, lower first) let batch jobs yield to live traffic. The waiting queue
+is ordered by priority, then arrival; a waiting head that finds no free slot or blocks preempts running
+sequences of strictly worse priority. A step that computes a prompt chunk of priority p carries no work
+of a worse one: those sequences keep their blocks and sit the step out, so a live request's time to first
+token stays close to idle. With equal priorities all of this is plain FIFO.
 
 Every change to a sequence's state happens here: admission, growth, preemption, the tokens a step
 appends (`append`), what it leaves computed (`computed`) and removal.
@@ -14,6 +20,7 @@ appends (`append`), what it leaves computed (`computed`) and removal.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -21,6 +28,10 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import SeqStatus, Sequence
 from ember.engine.spec.policy import DraftPriors, StepCost, allocate
 from ember.engine.step import StepItem
+
+
+def _priority(seq: Sequence) -> int:
+    return seq.params.priority
 
 
 class Scheduler:
@@ -38,7 +49,21 @@ class Scheduler:
         self.draft_priors = DraftPriors()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """Queue seq behind every waiting sequence of its priority or a better one, or, with `front` (it ran
+        before), ahead of those of its own. Each scan starts from the end it usually stops next to."""
+        p, waiting = seq.params.priority, self.waiting
+        if front:
+            i = 0
+            while i < len(waiting) and waiting[i].params.priority < p:
+                i += 1
+        else:
+            i = len(waiting)
+            while i and waiting[i - 1].params.priority > p:
+                i -= 1
+        waiting.insert(i, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -53,7 +78,7 @@ class Scheduler:
         else:
             self.block_manager.release(child)
             child.status = SeqStatus.WAITING
-            self.waiting.appendleft(child)
+            self._enqueue(child, front=True)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and release its blocks."""
@@ -68,8 +93,21 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.release(seq)
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
         self.num_preemptions += 1
+
+    def _victim(self) -> Sequence | None:
+        """The running sequence to preempt first: the worst priority, the most recently admitted among equals."""
+        return max(reversed(self.running), key=_priority, default=None)
+
+    def _prefill_level(self) -> float:
+        """The best priority whose prompt this step may compute: running sequences with prompt left and the
+        waiting head. The head counts even if it may not be admitted: it is, by preempting, whenever something
+        worse runs, and otherwise excluding work worse than it excludes nothing."""
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        if self.waiting:
+            prefilling.append(self.waiting[0])
+        return min(map(_priority, prefilling), default=math.inf)
 
     def _add_drafts(self, scheduled: list[StepItem]) -> None:
         """Give decoding sequences the drafts that pay (ember.engine.spec.policy), within what is left of the
@@ -106,24 +144,39 @@ class Scheduler:
         def budget() -> int:
             return self.max_num_batched_tokens - sum(s.num_query_tokens for s in scheduled)
 
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        def preempt(victim: Sequence) -> None:
+            self._preempt(victim)
+            scheduled[:] = [s for s in scheduled if s.seq is not victim]
+
+        def admit(seq: Sequence) -> bool:
+            """Admit seq, preempting strictly worse running sequences while it finds no slot or blocks."""
+            while not (len(self.running) < self.max_num_seqs and self.block_manager.admit(seq, budget())):
+                victim = self._victim()
+                if victim is None or victim.params.priority <= seq.params.priority:
+                    return False
+                preempt(victim)
+            return True
+
+        # decided before any budget is spent: work worse than the prompts computed sits this step out
+        level = self._prefill_level()
+        work = sorted((s for s in self.running if s.params.priority <= level), key=_priority)
+        decodes = [s for s in work if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in work if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
             if seq.status is not SeqStatus.RUNNING or budget() == 0:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget())
             while not self.block_manager.can_grow(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                scheduled = [s for s in scheduled if s.seq is not victim]
+                victim = self._victim()
+                preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
                 self.block_manager.grow(seq, n)
                 scheduled.append(StepItem(seq, n))
-        while self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget() > 0 and self.waiting[0].params.priority <= level:
             seq = self.waiting[0]
-            if not self.block_manager.admit(seq, budget()):
+            if not admit(seq):
                 break
             self.waiting.popleft()
             if not seq.admitted:

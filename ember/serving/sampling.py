@@ -23,6 +23,8 @@ _OPTIONAL = ("repetition_penalty", "frequency_penalty", "presence_penalty", "mir
 # a temperature below this samples like greedy anyway, and dividing float32 logits by it overflows to inf
 # (vLLM's threshold): it means greedy
 MIN_TEMPERATURE = 1e-5
+# the engine's priority (lower runs first) by OpenAI's service_tier; the other tiers are the default, 0
+TIER_PRIORITY = {"priority": -1, "flex": 1}
 _NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
             "mirostat_lr": SamplingParams.mirostat_lr}
 
@@ -47,6 +49,7 @@ class SamplingRequest(Protocol):
     context_length_exceeded_behavior: str
     prompt_cache_isolation_key: str | None  # the prefix-cache namespace: blocks are shared only within it
     prompt_cache_max_len: int | None  # at most this many prompt tokens read from or stored in the cache
+    service_tier: str | None  # "flex" yields to other requests (batch jobs run so), "priority" goes first
 
     @property
     def predicted(self) -> str | list[int] | None: ...  # the expected output (prediction / speculation)
@@ -128,7 +131,7 @@ def plan_sampling(request: SamplingRequest, prompt_lens: list[int], defaults: di
             prompt_logprobs=logprobs if request.wants_echo else None, grammar=grammar,
             cache_salt=request.prompt_cache_isolation_key, prompt_cache_max_len=request.prompt_cache_max_len,
             prediction=(prediction or [])[:max_tokens] or None,
-            speculate=request.speculate))
+            speculate=request.speculate, priority=TIER_PRIORITY.get(request.service_tier or "", 0)))
     options = {**chosen, **optional, "max_tokens": max(p.max_tokens for p in params)}
     if request.mirostat_target is not None:
         options["mirostat_lr"] = params[0].mirostat_lr

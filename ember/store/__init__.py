@@ -1,7 +1,8 @@
 """Durable state on SQLAlchemy: SQLite in the data directory by default, any database by URL (PostgreSQL
-through psycopg). One module per table family (usage.py; responses, files and batch jobs add theirs
-beside it); the schema is migrated by Alembic when the store opens; writes from the request path go
-through a BufferedWriter so that the database never slows or fails an inference request."""
+through psycopg). One module per table family (usage, responses, files and datasets, batch jobs); the
+schema is migrated by Alembic when the store opens; writes from the request path go through a
+BufferedWriter so that the database never slows or fails an inference request. File contents (uploads,
+datasets, batch outputs) live in the data directory whatever the database (ember.store.blobs)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ember.store import responses
+from ember.store.batches import BatchStore
+from ember.store.blobs import Blobs
 from ember.store.config import StoreConfig
 from ember.store.db import connect, migrate
+from ember.store.files import FileStore
 from ember.store.usage import UsageRecord, aggregate, usage_records
 from ember.store.writer import BufferedWriter
 
@@ -22,6 +26,9 @@ class Store:
         self.engine: Engine = connect(config.url())
         migrate(self.engine)
         self.usage = BufferedWriter(self.engine, usage_records, config.write_buffer, config.flush_interval)
+        self.blobs = Blobs(config.folder())
+        self.files = FileStore(self.engine, self.blobs)
+        self.batches = BatchStore(self.engine)
 
     def record_usage(self, record: UsageRecord) -> bool:
         return self.usage.put(record.row())

@@ -16,14 +16,16 @@ def default_data_dir() -> str:
 @dataclass
 class StoreConfig:
     usage_records: bool = True  # off: no store is opened, nothing is recorded, /v1/usage answers 404
-    data_dir: str | None = None  # None: default_data_dir(); the SQLite file lives here
+    data_dir: str | None = None  # None: default_data_dir(); the SQLite file and uploaded files live here
     database_url: str | None = None  # any SQLAlchemy URL (postgresql+psycopg://...); default SQLite in data_dir
     write_buffer: int = 10_000  # records waiting for the database; past it new ones are dropped and counted
     flush_interval: float = 0.5  # seconds between batched writes: what a kill -9 can lose
 
-    def url(self) -> str:
-        if self.database_url:
-            return self.database_url
+    def folder(self) -> Path:
+        """The data directory (made if missing): the SQLite file, uploaded files, datasets, batch outputs."""
         folder = Path(self.data_dir or default_data_dir()).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{folder / 'ember.db'}"
+        return folder
+
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.folder() / 'ember.db'}"

@@ -8,7 +8,19 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Engine,
+    MetaData,
+    Select,
+    Table,
+    create_engine,
+    event,
+    select,
+    tuple_,
+)
 
 METADATA = MetaData()  # every table module registers its tables here; the migrations create them
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -47,3 +59,37 @@ def storable(value: Any) -> Any:
     if isinstance(value, list):
         return [storable(v) for v in value]
     return value
+
+
+def page(connection: Connection, value: Column | Table, where: ColumnElement[bool], keys: tuple[Column, ...],
+          id_column: Column, limit: int, after: str | None, before: str | None,
+          order: str) -> tuple[list[Any], bool]:
+    """One page of `value` over the rows `where`, ordered by the unique `keys` in `order`: rows strictly after
+    the row whose id_column is `after` and strictly before the one that is `before`, in the listing's order.
+    With `before` alone the page is the rows nearest it (read backwards, then turned round), and has_more says
+    whether rows lie beyond the page in the direction read. A Table as `value` gives its rows as dicts."""
+    if order not in ("asc", "desc"):
+        raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    row_key = tuple_(*keys)
+
+    def cursor(item_id: str) -> ColumnElement[Any]:
+        found = connection.execute(select(*keys).where(where, id_column == storable(item_id))).first()
+        if found is None:
+            raise ValueError(f"cursor {item_id!r} names nothing in this listing")
+        return tuple_(*found)
+
+    ascending = order == "asc"
+    query: Select = select(value).where(where)
+    if after is not None:
+        query = query.where(row_key > cursor(after) if ascending else row_key < cursor(after))
+    if before is not None:
+        query = query.where(row_key < cursor(before) if ascending else row_key > cursor(before))
+    backwards = before is not None and after is None
+    read_ascending = ascending != backwards
+    query = query.order_by(*(k.asc() if read_ascending else k.desc() for k in keys)).limit(limit + 1)
+    result = connection.execute(query)
+    rows = [dict(r) for r in result.mappings()] if isinstance(value, Table) else list(result.scalars())
+    found = rows[:limit]
+    return (found[::-1] if backwards else found), len(rows) > limit

@@ -9,21 +9,18 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Column,
-    ColumnElement,
     Connection,
     Engine,
     Float,
     Index,
     Integer,
-    Select,
     String,
     Table,
     select,
     true,
-    tuple_,
 )
 
-from ember.store.db import METADATA, storable
+from ember.store.db import METADATA, page, storable
 
 MAX_CHAIN = 10_000  # responses in one previous_response_id chain: past it conversation() refuses
 
@@ -80,7 +77,7 @@ def list_responses(engine: Engine, limit: int = 20, after: str | None = None, be
                    order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
     """A page of stored responses by (created_at, id) in `order`, and whether more follow it."""
     with engine.connect() as connection:
-        return _page(connection, responses.c.response, true(), (responses.c.created_at, responses.c.id),
+        return page(connection, responses.c.response, true(), (responses.c.created_at, responses.c.id),
                      responses.c.id, limit, after, before, order)
 
 
@@ -93,7 +90,7 @@ def list_input_items(engine: Engine, response_id: str, limit: int = 20, after: s
     with engine.connect() as connection:
         if _response(connection, response_id) is None:
             return None
-        return _page(connection, t.item, t.response_id == response_id, (t.position,), t.item_id, limit, after,
+        return page(connection, t.item, t.response_id == response_id, (t.position,), t.item_id, limit, after,
                      before, order)
 
 
@@ -133,36 +130,3 @@ def _response(connection: Connection, response_id: str) -> dict[str, Any] | None
 def _remove(connection: Connection, response_id: str) -> bool:
     connection.execute(response_input_items.delete().where(response_input_items.c.response_id == response_id))
     return connection.execute(responses.delete().where(responses.c.id == response_id)).rowcount > 0
-
-
-def _page(connection: Connection, value: Column, where: ColumnElement[bool], keys: tuple[Column, ...],
-          id_column: Column, limit: int, after: str | None, before: str | None,
-          order: str) -> tuple[list[Any], bool]:
-    """One page of `value` over the rows `where`, ordered by the unique `keys` in `order`: rows strictly after
-    the row whose id_column is `after` and strictly before the one that is `before`, in the listing's order.
-    With `before` alone the page is the rows nearest it (read backwards, then turned round), and has_more says
-    whether rows lie beyond the page in the direction read."""
-    if order not in ("asc", "desc"):
-        raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
-    row_key = tuple_(*keys)
-
-    def cursor(item_id: str) -> ColumnElement[Any]:
-        found = connection.execute(select(*keys).where(where, id_column == storable(item_id))).first()
-        if found is None:
-            raise ValueError(f"cursor {item_id!r} names nothing in this listing")
-        return tuple_(*found)
-
-    ascending = order == "asc"
-    query: Select = select(value).where(where)
-    if after is not None:
-        query = query.where(row_key > cursor(after) if ascending else row_key < cursor(after))
-    if before is not None:
-        query = query.where(row_key < cursor(before) if ascending else row_key > cursor(before))
-    backwards = before is not None and after is None
-    read_ascending = ascending != backwards
-    query = query.order_by(*(k.asc() if read_ascending else k.desc() for k in keys)).limit(limit + 1)
-    rows = list(connection.execute(query).scalars())
-    page = rows[:limit]
-    return (page[::-1] if backwards else page), len(rows) > limit

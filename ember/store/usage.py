@@ -33,6 +33,7 @@ usage_records = Table(  # the schema of migrations/versions/0001_usage_records.p
     Column("session_affinity", String(256)),
     Column("multi_turn_session_id", String(256)),
     Column("metadata", JSON),
+    Column("batch_id", String(256)),  # the batch job a line ran for (migration 0003)
 )
 
 
@@ -57,6 +58,7 @@ class UsageRecord:
     session_affinity: str | None = None
     multi_turn_session_id: str | None = None
     metadata: dict[str, str] | None = field(default=None)
+    batch_id: str | None = None  # set on the requests a batch job makes
 
     def row(self) -> dict[str, Any]:
         """The row to insert, its text storable (a client's lone surrogates escaped)."""

@@ -1,0 +1,181 @@
+"""Fireworks' datasets under `/v1/accounts/{account}/datasets`: create, `:upload` (multipart `file`), get, list,
+update, delete, and `:getDownloadEndpoint`, whose URLs Ember serves itself at `/downloads/<token>`: a token is
+signed with a key the server draws at start-up and lasts DOWNLOAD_TTL_S, so a URL works without the API key,
+names one file, and dies with the server or the hour."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from ember.api.batch.fireworks import check_id, dataset_object
+from ember.api.batch.protocol import DatasetCreate, DatasetSpec
+from ember.api.files import multipart, save, upload_of
+from ember.api.state import store_of
+from ember.serving.errors import RequestError
+from ember.store.files import dataset_folder
+
+router = APIRouter()
+downloads_router = APIRouter()
+
+DOWNLOAD_TTL_S = 3600
+MAX_PAGE, DEFAULT_PAGE = 200, 50
+
+
+def not_found(kind: str, name: str) -> RequestError:
+    return RequestError(f"{kind} {name!r} not found", None, 404, "NOT_FOUND")
+
+
+def page_params(page_size: int | None, page_token: str | None, filter_: str | None, order_by: str | None,
+                fields: tuple[str, ...]) -> tuple[int, int, bool, str]:
+    """(offset, limit, descending, field) of a Fireworks listing; its page tokens are opaque offsets."""
+    if filter_:
+        raise RequestError("`filter` is not supported by this server yet", "filter", code="unsupported_parameter")
+    order = (order_by or fields[0]).strip()
+    field, _, direction = order.partition(" ")
+    if field not in fields or direction not in ("", "desc", "asc"):
+        raise RequestError(f"orderBy must be one of {', '.join(fields)}, optionally followed by \" desc\"", "orderBy")
+    offset = 0
+    if page_token:
+        try:
+            offset = int(base64.urlsafe_b64decode(page_token.encode()).decode())
+        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+            raise RequestError("pageToken is not one this server handed out", "pageToken") from exc
+    limit = DEFAULT_PAGE if not page_size else min(max(page_size, 1), MAX_PAGE)
+    return offset, limit, direction == "desc", field
+
+
+def next_token(offset: int, limit: int, total: int) -> str:
+    return base64.urlsafe_b64encode(str(offset + limit).encode()).decode() if offset + limit < total else ""
+
+
+def masked(obj: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
+    """Only the fields `readMask` names (and the name), as Fireworks' field masks select them."""
+    if not read_mask or read_mask.strip() in ("*", "**"):
+        return obj
+    keep = {f.strip().split(".")[0] for f in read_mask.split(",")} | {"name"}
+    return {k: v for k, v in obj.items() if k in keep}
+
+
+def sign(key: bytes, path: str, expires: int) -> str:
+    payload = base64.urlsafe_b64encode(f"{path}|{expires}".encode()).decode().rstrip("=")
+    mac = hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{payload}.{mac}"
+
+
+def verified(key: bytes, token: str) -> str | None:
+    """The data-directory path a token names, or None when it is forged, garbled or expired."""
+    payload, _, mac = token.partition(".")
+    if not hmac.compare_digest(hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32], mac):
+        return None
+    path, _, expires = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().rpartition("|")
+    return path if expires.isdigit() and int(expires) > time.time() else None
+
+
+async def _dataset(request: Request, account: str, dataset_id: str) -> dict[str, Any]:
+    row = await asyncio.to_thread(store_of(request).files.get_dataset, account, dataset_id)
+    if row is None:
+        raise not_found("dataset", f"accounts/{account}/datasets/{dataset_id}")
+    return row
+
+
+PREFIX = "/accounts/{account}/datasets"
+
+
+@router.post(PREFIX + "/{dataset_id}:upload")
+async def upload_dataset(account: str, dataset_id: str, request: Request) -> dict:
+    store = store_of(request)
+    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    if row["files"] or row["meta"].get("sourceJobName"):
+        raise RequestError(f"dataset {dataset_id!r} already has its data (or is a job's output); create another",
+                           "dataset_id", 400, "FAILED_PRECONDITION")
+    upload = upload_of(await multipart(request))
+    relative = f"{dataset_folder(account, dataset_id)}/{upload.filename}"
+    size = await save(request, upload, relative)
+    examples = await asyncio.to_thread(
+        lambda: sum(1 for line in store.blobs.path(relative).open("rb") if line.strip()))
+    await asyncio.to_thread(store.files.update_dataset, account, dataset_id, state="READY",
+                            files={upload.filename: size}, example_count=examples)
+    return {"id": dataset_id, "bytes": size, "created_at": int(time.time()), "filename": upload.filename,
+            "object": "file", "purpose": "dataset"}
+
+
+@router.get(PREFIX + "/{dataset_id}:getDownloadEndpoint")
+async def download_endpoint(account: str, dataset_id: str, request: Request, readMask: str | None = None,  # noqa: N803
+                            downloadLineage: bool = False) -> dict:  # noqa: N803
+    if downloadLineage:
+        raise RequestError("`downloadLineage` is not supported by this server yet", "downloadLineage",
+                           code="unsupported_parameter")
+    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    expires = int(time.time()) + DOWNLOAD_TTL_S
+    base = str(request.base_url).rstrip("/")
+    key = request.app.state.signing_key
+    folder = dataset_folder(account, dataset_id)
+    return masked({"filenameToSignedUrls": {name: f"{base}/downloads/{sign(key, f'{folder}/{name}', expires)}"
+                                            for name in sorted(row["files"])}}, readMask)
+
+
+@router.post(PREFIX)
+async def create_dataset(account: str, body: DatasetCreate, request: Request) -> dict:
+    store, now = store_of(request), time.time()
+    row = {"account": check_id(account, "account_id"), "id": check_id(body.datasetId, "datasetId"),
+           "created_at": now, "updated_at": now, "state": "UPLOADING", "example_count": 0, "files": {},
+           "meta": body.dataset.meta()}
+    if not await asyncio.to_thread(store.files.put_dataset, row):
+        raise RequestError(f"dataset accounts/{account}/datasets/{body.datasetId} already exists", "datasetId", 409,
+                           "ALREADY_EXISTS")
+    return dataset_object(row)
+
+
+@router.get(PREFIX)
+async def list_datasets(account: str, request: Request, pageSize: Annotated[int | None, Query(ge=0)] = None,  # noqa: N803
+                        pageToken: str | None = None, filter: str | None = None,  # noqa: N803, A002
+                        orderBy: str | None = None, readMask: str | None = None) -> dict:  # noqa: N803
+    offset, limit, descending, field = page_params(pageSize, pageToken, filter, orderBy, ("name", "createTime"))
+    rows, total = await asyncio.to_thread(store_of(request).files.list_datasets, check_id(account, "account_id"),
+                                          offset, limit, descending, field == "createTime")
+    return {"datasets": [masked(dataset_object(r), readMask) for r in rows],
+            "nextPageToken": next_token(offset, limit, total), "totalSize": total}
+
+
+@router.get(PREFIX + "/{dataset_id}")
+async def get_dataset(account: str, dataset_id: str, request: Request, readMask: str | None = None) -> dict:  # noqa: N803
+    return masked(dataset_object(await _dataset(request, check_id(account, "account_id"),
+                                                check_id(dataset_id, "dataset_id"))), readMask)
+
+
+@router.patch(PREFIX + "/{dataset_id}")
+async def update_dataset(account: str, dataset_id: str, body: DatasetSpec, request: Request) -> dict:
+    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    meta = {**row["meta"], **body.meta()}
+    await asyncio.to_thread(store_of(request).files.update_dataset, account, dataset_id, meta=meta)
+    return dataset_object(await _dataset(request, account, dataset_id))
+
+
+@router.delete(PREFIX + "/{dataset_id}")
+async def delete_dataset(account: str, dataset_id: str, request: Request) -> dict:
+    found = await asyncio.to_thread(store_of(request).files.delete_dataset, check_id(account, "account_id"),
+                                    check_id(dataset_id, "dataset_id"))
+    if not found:
+        raise not_found("dataset", f"accounts/{account}/datasets/{dataset_id}")
+    return {}
+
+
+@downloads_router.get("/downloads/{token}", include_in_schema=False)
+async def download(token: str, request: Request) -> FileResponse:
+    path = verified(request.app.state.signing_key, token)
+    if path is None:
+        raise RequestError("this download link is invalid or has expired; ask for a new one", None, 403,
+                           "PERMISSION_DENIED")
+    full = store_of(request).blobs.path(path)
+    if not full.exists():
+        raise RequestError("the file is gone", None, 404, "NOT_FOUND")
+    return FileResponse(full, media_type="application/octet-stream", filename=full.name)
