@@ -1,4 +1,4 @@
-"""`ember serve` and `ember bench`. Every config dataclass field is a flag and an EMBER_* variable.
+"""`ember serve`, `ember bench` and `ember batch`. Every config dataclass field is a flag and an EMBER_* variable.
 
 Heavy modules (torch, fastapi, the model) are imported inside the commands, so `--help` is instant
 and a server is ready as soon as its model is loaded.
@@ -89,6 +89,13 @@ def bench(argv: list[str]) -> int:
     return bench_module.run(parser.parse_args(argv)) or 0
 
 
+def batch(argv: list[str]) -> int:
+    """The batch file runner lives in ember.batch_cli and is imported only here."""
+    from ember import batch_cli
+
+    return batch_cli.run(batch_cli.build_parser().parse_args(argv))
+
+
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember serve", description="serve a model over HTTP "
                                      "(Fireworks- and OpenAI-compatible)")
@@ -100,9 +107,9 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": lambda rest: serve(serve_parser().parse_args(rest)), "bench": bench}
+    commands = {"serve": lambda rest: serve(serve_parser().parse_args(rest)), "bench": bench, "batch": batch}
     if not argv or argv[0] not in commands:
-        print("usage: ember {serve,bench} [options]   (ember <command> --help for options)", file=sys.stderr)
+        print("usage: ember {serve,bench,batch} [options]   (ember <command> --help for options)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])
 

@@ -3,6 +3,7 @@ drain, body size) and, when asked, CORS; engines live with it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -96,6 +97,8 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.signing_key = secrets.token_bytes(32)  # signs download URLs (ember.api.datasets); dies with the server
     runner = JobRunner(app, store, registry, config.batch_concurrency, config.batch_max_lines) if store else None
     app.state.batch_runner = runner
+    app.state.datasets_uploading = set()  # (account, dataset id) of the uploads under way: one per dataset at once
+    app.state.job_create_lock = asyncio.Lock()  # batch job creation, from the id check to the row
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         for router in (chat.router, completions.router, responses.router, models.router, health.stats_router,

@@ -10,11 +10,14 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
 
 from ember.api.batch.fireworks import check_id, dataset_id, job_object
 from ember.api.batch.protocol import MAX_WINDOW_S, BatchJobCreate, InferenceParameters
 from ember.api.batch.runner import keep_input
 from ember.api.datasets import masked, next_token, not_found, page_params
+from ember.api.errors import describe_validation
+from ember.api.protocol import ChatCompletionRequest
 from ember.api.state import store_of
 from ember.serving.errors import FieldError, RequestError
 from ember.store.batches import CANCELLABLE
@@ -36,8 +39,14 @@ async def create_job(account: str, body: BatchJobCreate, request: Request,
     params = body.inferenceParameters or InferenceParameters()
     try:
         defaults = params.defaults()
+        # what every line gets, checked now as a request's fields (an unknown one in extraBody, say)
+        ChatCompletionRequest.model_validate({**defaults, "model": body.model,
+                                              "messages": [{"role": "user", "content": "."}]})
     except FieldError as exc:
         raise RequestError(str(exc), f"inferenceParameters.{exc.field}") from exc
+    except ValidationError as exc:
+        message, param, code = describe_validation(exc.errors())
+        raise RequestError(f"inferenceParameters: {message}", "inferenceParameters", 400, code) from exc
     source_id = dataset_id(account, body.inputDatasetId, "inputDatasetId")
     source = await asyncio.to_thread(store.files.get_dataset, account, source_id)
     if source is None:
@@ -47,24 +56,36 @@ async def create_job(account: str, body: BatchJobCreate, request: Request,
                            "inputDatasetId", 400, "FAILED_PRECONDITION")
     output_id = dataset_id(account, body.outputDatasetId, "outputDatasetId") if body.outputDatasetId \
         else f"{job_id[:56]}-output"
-    if await asyncio.to_thread(store.batches.get, name) is not None:
-        raise RequestError(f"batch inference job {name} already exists", "batchInferenceJobId", 409,
-                           "ALREADY_EXISTS")
-    output = {"account": account, "id": output_id, "created_at": now, "updated_at": now, "state": "UPLOADING",
-              "example_count": 0, "files": {}, "meta": {"sourceJobName": name,
-                                                      "displayName": f"{body.displayName or job_id} output"}}
-    if not await asyncio.to_thread(store.files.put_dataset, output):
-        raise RequestError(f"dataset {output_id!r} already exists; name a new outputDatasetId", "outputDatasetId",
-                           409, "ALREADY_EXISTS")
-    (filename,) = source["files"]
-    input_path = await asyncio.to_thread(keep_input, store, f"{dataset_folder(account, source_id)}/{filename}", name)
-    spec = {"displayName": body.displayName or "", "inputDatasetId": f"accounts/{account}/datasets/{source_id}",
-            "outputDatasetId": f"accounts/{account}/datasets/{output_id}",
-            "inferenceParameters": params.model_dump(exclude_none=True), "defaults": defaults}
-    row = {"id": name, "shape": "fireworks", "account": account, "created_at": now, "expires_at": now + MAX_WINDOW_S,
-           "status": "validating", "model": body.model, "endpoint": "/v1/chat/completions", "input_path": input_path,
-           "spec": spec, "times": {"validating": now}}
-    await asyncio.to_thread(store.batches.create, row)
+    exists = RequestError(f"batch inference job {name} already exists", "batchInferenceJobId", 409, "ALREADY_EXISTS")
+    # one create at a time from the id check to the job's row: two requests for one id would otherwise both pass
+    # the check, both make an output dataset and relink the job's input, and the later one's insert fail (a 500)
+    async with request.app.state.job_create_lock:
+        if await asyncio.to_thread(store.batches.get, name) is not None:
+            raise exists
+        output = {"account": account, "id": output_id, "created_at": now, "updated_at": now, "state": "UPLOADING",
+                  "example_count": 0, "files": {}, "meta": {"sourceJobName": name,
+                                                          "displayName": f"{body.displayName or job_id} output"}}
+        if not await asyncio.to_thread(store.files.put_dataset, output):
+            raise RequestError(f"dataset {output_id!r} already exists; name a new outputDatasetId",
+                               "outputDatasetId", 409, "ALREADY_EXISTS")
+        (filename,) = source["files"]
+        try:
+            input_path = await asyncio.to_thread(keep_input, store,
+                                                 f"{dataset_folder(account, source_id)}/{filename}", name)
+        except FileNotFoundError:  # the input dataset was deleted since it was looked up: as if it never was
+            await asyncio.to_thread(store.files.delete_dataset, account, output_id)
+            await asyncio.to_thread(store.blobs.remove_tree, f"batches/{name.replace('/', '_')}")
+            raise not_found("dataset", f"accounts/{account}/datasets/{source_id}") from None
+        spec = {"displayName": body.displayName or "", "inputDatasetId": f"accounts/{account}/datasets/{source_id}",
+                "outputDatasetId": f"accounts/{account}/datasets/{output_id}",
+                "inferenceParameters": params.model_dump(exclude_none=True), "defaults": defaults}
+        row = {"id": name, "shape": "fireworks", "account": account, "created_at": now,
+               "expires_at": now + MAX_WINDOW_S, "status": "validating", "model": body.model,
+               "endpoint": "/v1/chat/completions", "input_path": input_path, "spec": spec,
+               "times": {"validating": now}}
+        if not await asyncio.to_thread(store.batches.create, row):  # another server on the same database won
+            await asyncio.to_thread(store.files.delete_dataset, account, output_id)
+            raise exists
     request.app.state.batch_runner.wake()
     return job_object(await asyncio.to_thread(store.batches.get, name))
 

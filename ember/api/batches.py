@@ -40,7 +40,11 @@ async def create_batch(body: BatchCreate, request: Request) -> dict:
                            "uploaded with purpose \"batch\"", "input_file_id")
     hexid = uuid.uuid4().hex
     job_id, now = f"batch_{hexid}", time.time()
-    input_path = await asyncio.to_thread(keep_input, store, source["path"], job_id)
+    try:
+        input_path = await asyncio.to_thread(keep_input, store, source["path"], job_id)
+    except FileNotFoundError:  # the file was deleted since it was looked up: as if it had never been
+        await asyncio.to_thread(store.blobs.remove_tree, f"batches/{job_id}")
+        raise not_found("file", body.input_file_id, "input_file_id") from None
     spec = {"input_file_id": body.input_file_id, "completion_window": body.completion_window,
             "metadata": body.metadata, "pending_output_file_id": f"file-{hexid[:12]}out{hexid[12:24]}",
             "pending_error_file_id": f"file-{hexid[:12]}err{hexid[12:24]}",

@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import hmac
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -28,6 +29,7 @@ downloads_router = APIRouter()
 
 DOWNLOAD_TTL_S = 3600
 MAX_PAGE, DEFAULT_PAGE = 200, 50
+MAX_OFFSET = 2**31
 
 
 def not_found(kind: str, name: str) -> RequestError:
@@ -49,6 +51,8 @@ def page_params(page_size: int | None, page_token: str | None, filter_: str | No
             offset = int(base64.urlsafe_b64decode(page_token.encode()).decode())
         except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
             raise RequestError("pageToken is not one this server handed out", "pageToken") from exc
+        if not 0 <= offset <= MAX_OFFSET:  # a forged token: SQL refuses a negative or 64-bit-overflowing OFFSET
+            raise RequestError("pageToken is not one this server handed out", "pageToken")
     limit = DEFAULT_PAGE if not page_size else min(max(page_size, 1), MAX_PAGE)
     return offset, limit, direction == "desc", field
 
@@ -74,7 +78,9 @@ def sign(key: bytes, path: str, expires: int) -> str:
 def verified(key: bytes, token: str) -> str | None:
     """The data-directory path a token names, or None when it is forged, garbled or expired."""
     payload, _, mac = token.partition(".")
-    if not hmac.compare_digest(hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32], mac):
+    # bytes, not str: compare_digest raises on non-ASCII text, and a URL may carry any
+    if not hmac.compare_digest(hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32].encode(),
+                               mac.encode()):
         return None
     path, _, expires = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().rpartition("|")
     return path if expires.isdigit() and int(expires) > time.time() else None
@@ -90,20 +96,37 @@ async def _dataset(request: Request, account: str, dataset_id: str) -> dict[str,
 PREFIX = "/accounts/{account}/datasets"
 
 
+def _count_examples(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 @router.post(PREFIX + "/{dataset_id}:upload")
 async def upload_dataset(account: str, dataset_id: str, request: Request) -> dict:
     store = store_of(request)
-    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
-    if row["files"] or row["meta"].get("sourceJobName"):
-        raise RequestError(f"dataset {dataset_id!r} already has its data (or is a job's output); create another",
-                           "dataset_id", 400, "FAILED_PRECONDITION")
-    upload = upload_of(await multipart(request))
-    relative = f"{dataset_folder(account, dataset_id)}/{upload.filename}"
-    size = await save(request, upload, relative)
-    examples = await asyncio.to_thread(
-        lambda: sum(1 for line in store.blobs.path(relative).open("rb") if line.strip()))
-    await asyncio.to_thread(store.files.update_dataset, account, dataset_id, state="READY",
-                            files={upload.filename: size}, example_count=examples)
+    key = (check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    # one upload per dataset at a time, claimed before the row is read: two at once once both succeeded, leaving
+    # a file the dataset does not list (or, under one name, one file written by both)
+    uploading: set[tuple[str, str]] = request.app.state.datasets_uploading
+    if key in uploading:
+        raise RequestError(f"dataset {dataset_id!r} is being uploaded already", "dataset_id", 400,
+                           "FAILED_PRECONDITION")
+    uploading.add(key)
+    try:
+        row = await _dataset(request, account, dataset_id)
+        if row["files"] or row["meta"].get("sourceJobName"):
+            raise RequestError(f"dataset {dataset_id!r} already has its data (or is a job's output); create "
+                               "another", "dataset_id", 400, "FAILED_PRECONDITION")
+        upload = upload_of(await multipart(request))
+        if upload.filename in (".", ".."):  # the name is a path in the data directory: these would leave the folder
+            raise RequestError(f"the file name {upload.filename!r} is not allowed; name the file", "file")
+        relative = f"{dataset_folder(account, dataset_id)}/{upload.filename}"
+        size = await save(request, upload, relative)
+        examples = await asyncio.to_thread(_count_examples, store.blobs.path(relative))
+        await asyncio.to_thread(store.files.update_dataset, account, dataset_id, state="READY",
+                                files={upload.filename: size}, example_count=examples)
+    finally:
+        uploading.discard(key)
     return {"id": dataset_id, "bytes": size, "created_at": int(time.time()), "filename": upload.filename,
             "object": "file", "purpose": "dataset"}
 

@@ -131,9 +131,12 @@ async def get_file(file_id: str, request: Request) -> dict:
 
 @router.get("/files/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> FileResponse:
+    """A 404, not a 500, when the contents are gone: a DELETE between reading the row and sending the file."""
     row = await _file(request, file_id)
-    return FileResponse(store_of(request).blobs.path(row["path"]), media_type="application/octet-stream",
-                        filename=row["filename"])
+    path = store_of(request).blobs.path(row["path"])
+    if not await asyncio.to_thread(path.is_file):
+        raise not_found("file", file_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=row["filename"])
 
 
 @router.delete("/files/{file_id}")

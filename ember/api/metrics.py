@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -77,6 +77,8 @@ class Metrics:
                                      ["model"], buckets=STEP_BUCKETS, registry=self.registry)
         self.batch_lines = Counter("ember_batch_requests", "batch job lines committed, by outcome", ["outcome"],
                                    registry=self.registry)
+        self.batch_in_flight = Gauge("ember_batch_requests_in_flight", "batch job lines being generated now",
+                                     registry=self.registry)
         for m in models:
             m.engine.engine.on_step = self._step_observer(m.name)
 

@@ -154,12 +154,15 @@ def _answer_stream(request: Request, body: GenerationRequest, gen: Generation, s
 async def _answer(request: Request, body: GenerationRequest, gen: Generation, shape: Shape) -> Response:
     envelope = _envelope(body, gen, shape)
     task = asyncio.create_task(gen.collect())
-    while not task.done():
-        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                return Response(status_code=499)
+    finally:
+        if not task.done():  # a client gone, or this handler cancelled: the generation must not outlive it
             task.cancel()  # closes the engine streams: their sequences abort and free their KV blocks
             await asyncio.gather(task, return_exceptions=True)
-            return Response(status_code=499)
     if shape.answer is not None:
         content = shape.answer(gen, task.result())
     else:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
 from ember.store.db import METADATA, page, storable
 
@@ -76,10 +77,13 @@ class BatchStore:
     def create(self, row: dict[str, Any]) -> bool:
         """False when a job of that id exists."""
         defaults = {"total": 0, "deleted": False, "errors": None, "times": {}, **dict.fromkeys(COUNTERS, 0)}
-        with self.engine.begin() as c:
-            if c.execute(select(batch_jobs.c.id).where(batch_jobs.c.id == row["id"])).first():
-                return False
-            c.execute(batch_jobs.insert().values(**{**defaults, **storable(row)}))
+        try:
+            with self.engine.begin() as c:
+                if c.execute(select(batch_jobs.c.id).where(batch_jobs.c.id == row["id"])).first():
+                    return False
+                c.execute(batch_jobs.insert().values(**{**defaults, **storable(row)}))
+        except IntegrityError:  # another server on the same database made it between the check and the insert
+            return False
         return True
 
     def get(self, job_id: str) -> dict[str, Any] | None:

@@ -66,7 +66,8 @@ class UsageRecord:
 
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
-GROUPS = {"model": usage_records.c.model, "endpoint": usage_records.c.endpoint, "user": usage_records.c.user}
+GROUPS = {"model": usage_records.c.model, "endpoint": usage_records.c.endpoint, "user": usage_records.c.user,
+          "batch": usage_records.c.batch_id}  # batch: per batch job (null: live requests)
 
 
 def _percentile(values: list[float], q: float) -> float | None:

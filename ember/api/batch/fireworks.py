@@ -76,9 +76,10 @@ def _error(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_outputs(store: Store, job: dict[str, Any]) -> dict[str, Any]:
     """The output dataset's files from the committed results, in input order; the dataset becomes READY. A
-    dataset deleted meanwhile stays deleted."""
+    dataset deleted meanwhile stays deleted, and one made again under its id is the client's, not the job's."""
     account, output = job["account"], job["spec"]["outputDatasetId"].rsplit("/", 1)[-1]
-    if store.files.get_dataset(account, output) is None:
+    dataset = store.files.get_dataset(account, output)
+    if dataset is None or dataset["meta"].get("sourceJobName") != job["id"]:
         return {}
     rows = list(store.batches.results(job["id"]))
     folder = dataset_folder(account, output)
@@ -93,3 +94,8 @@ def write_outputs(store: Store, job: dict[str, Any]) -> dict[str, Any]:
     store.files.update_dataset(account, output, state="READY", files=sizes,
                                example_count=sum(r["ok"] for r in rows))
     return {}
+
+
+def write_failed(store: Store, job: dict[str, Any]) -> None:
+    """A job that failed validation leaves its output dataset READY and empty, not waiting for ever for data."""
+    write_outputs(store, job)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -14,7 +14,9 @@ from ember.api.errors import describe_validation
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
 from ember.api.responses_protocol import ResponsesRequest
 from ember.serving.errors import RequestError
-from ember.serving.models import ModelRegistry
+
+if TYPE_CHECKING:
+    from ember.serving.models import ModelRegistry
 
 # the endpoints a batch line may call, with the body each validates
 ENDPOINTS: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionRequest,
@@ -57,27 +59,23 @@ def _body(record: dict, shape: str, number: int, endpoint: str, model: str | Non
     body = record.get("body")
     if not isinstance(body, dict):
         raise InvalidFile("`body` must be a JSON object (the request)", number, "body")
-    if body.get("stream"):
-        raise InvalidFile("a batch request is not streamed: leave out `stream`", number, "body.stream")
     if model is not None:  # Fireworks: the job's model, for every line
         if body.get("model", model) != model:
             raise InvalidFile(f"`body.model` is {body['model']!r}; this job runs {model!r} for every line",
                               number, "body.model")
         body = {**body, "model": model}
-    return {**defaults, **body}
+    body = {**defaults, **body}
+    if body.get("stream"):  # a line's answer is kept whole
+        raise InvalidFile("a batch request is not streamed: leave out `stream`", number, "body.stream")
+    return body
 
 
-def read_lines(data: bytes, shape: str, endpoint: str, registry: ModelRegistry, model: str | None = None,
-               defaults: dict[str, Any] | None = None, max_lines: int = 50_000) -> list[Line]:
-    """The file's requests, or InvalidFile for its first problem. `model`: the model of every line (Fireworks;
-    OpenAI's lines name theirs, one for the whole file); `defaults`: body fields a line may override."""
-    if endpoint not in ENDPOINTS:
-        raise InvalidFile(f"endpoint {endpoint!r} is not supported; one of {', '.join(ENDPOINTS)}",
-                          param="endpoint", code="invalid_endpoint")
-    schema = ENDPOINTS[endpoint]
+def parse_lines(data: bytes, shape: str, endpoint: str, model: str | None = None,
+                defaults: dict[str, Any] | None = None, max_lines: int = 50_000) -> list[Line]:
+    """Each line's own fields (JSON, the shape's fields, a unique `custom_id`, the url), not the bodies: what a
+    client can check without the server. `model` and `defaults` as read_lines takes them."""
     lines: list[Line] = []
     seen: dict[str, int] = {}
-    first_model: str | None = None
     for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -96,20 +94,34 @@ def read_lines(data: bytes, shape: str, endpoint: str, registry: ModelRegistry, 
             raise InvalidFile(f"`custom_id` {custom_id!r} already appears on line {seen[custom_id]}", number,
                               "custom_id", "duplicate_custom_id")
         seen[custom_id] = number
-        try:
-            schema.model_validate(body)
-            registry.get(body["model"])
-        except ValidationError as exc:
-            message, param, code = describe_validation(exc.errors())
-            raise InvalidFile(message, number, f"body.{param}" if param else "body", code) from exc
-        except RequestError as exc:
-            raise InvalidFile(exc.message, number, f"body.{exc.param}" if exc.param else "body", exc.code) from exc
-        if first_model is None:
-            first_model = body["model"]
-        elif body["model"] != first_model:
-            raise InvalidFile(f"`body.model` is {body['model']!r}; a batch runs one model, {first_model!r} on "
-                              f"line {lines[0].number}", number, "body.model", "mixed_models")
         lines.append(Line(number, custom_id, body))
     if not lines:
         raise InvalidFile("the file has no requests", code="empty_file")
+    return lines
+
+
+def read_lines(data: bytes, shape: str, endpoint: str, registry: ModelRegistry, model: str | None = None,
+               defaults: dict[str, Any] | None = None, max_lines: int = 50_000) -> list[Line]:
+    """The file's requests, or InvalidFile for its first problem (the lines' own fields first, then the
+    bodies). `model`: the model of every line (Fireworks; OpenAI's lines name theirs, one for the whole file);
+    `defaults`: body fields a line may override."""
+    if endpoint not in ENDPOINTS:
+        raise InvalidFile(f"endpoint {endpoint!r} is not supported; one of {', '.join(ENDPOINTS)}",
+                          param="endpoint", code="invalid_endpoint")
+    schema = ENDPOINTS[endpoint]
+    lines = parse_lines(data, shape, endpoint, model, defaults, max_lines)
+    for line in lines:
+        try:
+            schema.model_validate(line.body)
+            registry.get(line.body["model"])
+        except ValidationError as exc:
+            message, param, code = describe_validation(exc.errors())
+            raise InvalidFile(message, line.number, f"body.{param}" if param else "body", code) from exc
+        except RequestError as exc:
+            raise InvalidFile(exc.message, line.number, f"body.{exc.param}" if exc.param else "body",
+                              exc.code) from exc
+        if line.body["model"] != lines[0].body["model"]:
+            raise InvalidFile(f"`body.model` is {line.body['model']!r}; a batch runs one model, "
+                              f"{lines[0].body['model']!r} on line {lines[0].number}", line.number, "body.model",
+                              "mixed_models")
     return lines

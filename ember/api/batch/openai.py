@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+from ember.api.batch.outcome import output_line
 from ember.store import Store
 
 # the job's life in OpenAI's words (a job waiting behind another is already in_progress for OpenAI)
@@ -41,9 +42,8 @@ def batch_object(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _line(job_id: str, row: dict[str, Any]) -> bytes:
-    request_id = "batch_req_" + hashlib.sha256(f"{job_id}:{row['line']}".encode()).hexdigest()[:24]
-    return json.dumps({"id": request_id, "custom_id": row["custom_id"], "response": row["result"], "error": None},
-                      ensure_ascii=False).encode() + b"\n"
+    line_id = "batch_req_" + hashlib.sha256(f"{job_id}:{row['line']}".encode()).hexdigest()[:24]
+    return json.dumps(output_line(line_id, row["custom_id"], row["result"]), ensure_ascii=False).encode() + b"\n"
 
 
 def write_outputs(store: Store, job: dict[str, Any]) -> dict[str, Any]:
@@ -65,3 +65,7 @@ def write_outputs(store: Store, job: dict[str, Any]) -> dict[str, Any]:
                                   "expires_at": now + expires if expires else None})
         found[f"{kind}_file_id"] = file_id
     return found
+
+
+def write_failed(store: Store, job: dict[str, Any]) -> None:
+    """A batch that failed validation has no output files: its `errors` say why."""

@@ -75,6 +75,8 @@ class InferenceParameters(_Strict):
                 raise FieldError("extraBody", f"extraBody is not valid JSON: {exc}") from exc
             if not isinstance(extra, dict):
                 raise FieldError("extraBody", "extraBody must be a JSON object of request fields")
+            if extra.get("stream"):  # a line's answer is stored whole: a stream's chunks would be kept as its answer
+                raise FieldError("extraBody", "a batch request is not streamed: leave `stream` out of extraBody")
         named = {"max_tokens": self.maxTokens, "temperature": self.temperature, "top_p": self.topP,
                  "top_k": self.topK, "n": self.n}
         return {**extra, **{k: v for k, v in named.items() if v is not None}}

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,12 @@ from fastapi import FastAPI
 from ember.api.batch import fireworks, openai
 from ember.api.batch.inprocess import call
 from ember.api.batch.lines import InvalidFile, Line, read_lines
+from ember.api.batch.outcome import RETRY_PAUSE_S, RETRY_STATUSES, usage_of
 from ember.serving.models import ModelRegistry
 from ember.store import Store
 
 log = logging.getLogger("ember.batch")
 
-RETRY_STATUSES = frozenset({408, 429, 503})  # the server was busy or going away: the line runs again later
-RETRY_PAUSE_S = 0.5
 SWEEP_S = 60.0  # how often expired files are removed when no job wakes the runner
 SHAPES = {"openai": openai, "fireworks": fireworks}
 # the statuses the runner moves a job to, from the ones it may be in ("cancelling" is the client's, and ends only
@@ -53,15 +53,6 @@ def keep_input(store: Store, source: str, job_id: str) -> str:
     except OSError:
         shutil.copyfile(store.blobs.path(source), target)
     return relative
-
-
-def usage_of(answer: dict[str, Any]) -> dict[str, int]:
-    """A line's tokens from its answer's usage (chat and completions' names, or the Responses API's)."""
-    u = answer.get("usage") or {}
-    details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}
-    return {"input_tokens": u.get("prompt_tokens", u.get("input_tokens", 0)),
-            "output_tokens": u.get("completion_tokens", u.get("output_tokens", 0)),
-            "cached_tokens": details.get("cached_tokens", 0)}
 
 
 class JobRunner:
@@ -93,22 +84,42 @@ class JobRunner:
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
+            ran = False
             try:
-                await self._pass()
+                await self._housekeep(None)
+                ran = await self._run_next()
             except Exception:  # a bug or a database outage: log it and try again later, never die
                 log.exception("batch runner pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SWEEP_S)
+                await asyncio.sleep(1.0)
+            if not ran:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), SWEEP_S)
 
-    async def _pass(self) -> None:
+    async def _housekeep(self, running: str | None) -> None:
+        """Everything but running a job, for the jobs other than `running`: validate new ones (so they show
+        `pending` or `failed` at once), end the cancelled ones and those past their window, sweep expired
+        files. Run between jobs and, while a job runs, whenever the runner is woken."""
         await asyncio.to_thread(self.store.files.sweep_expired)
         for job in await asyncio.to_thread(self.store.batches.active):
+            if job["id"] == running:
+                continue
             if job["status"] == "validating":
                 await self._validate(job)
+            elif job["status"] == "cancelling" or job["id"] in self._stop_requested:
+                await self._finish(job, "cancelled")
+            elif job["status"] == "pending" and time.time() >= job["expires_at"]:
+                await self._finish(job, "expired")
+
+    async def _run_next(self) -> bool:
+        """Run the oldest job that has lines to run or outputs to write, to its end; False when there is none
+        (or the server is shutting down)."""
+        if getattr(self.app.state, "draining", False):
+            return False
         for job in await asyncio.to_thread(self.store.batches.active):
-            if getattr(self.app.state, "draining", False):
-                return
-            await self._advance(job)
+            if job["status"] in ("pending", "in_progress", "finalizing"):
+                await self._advance(job)
+                return True
+        return False
 
     def _lines(self, job: dict[str, Any]) -> list[Line]:
         path = self.store.blobs.path(job["input_path"])
@@ -123,11 +134,17 @@ class JobRunner:
         try:
             lines = await asyncio.to_thread(self._lines, job)
         except InvalidFile as exc:
-            error = {"line": exc.line, "message": str(exc), "param": exc.param, "code": exc.code}
-            await self._update(job, "failed", errors=[error])
+            await self._fail(job, exc)
             log.info("batch job failed validation", extra={"job": job["id"], "error": str(exc)})
             return
         await self._update(job, "pending", total=len(lines), model=lines[0].body["model"])
+
+    async def _fail(self, job: dict[str, Any], exc: InvalidFile) -> None:
+        """The job cannot run: it ends `failed` with the reason, and its outputs say so in its shape's way."""
+        error = {"line": exc.line, "message": str(exc), "param": exc.param, "code": exc.code}
+        failed = await self._update(job, "failed", errors=[error])
+        if failed is not None:
+            await asyncio.to_thread(SHAPES[job["shape"]].write_failed, self.store, failed)
 
     async def _update(self, job: dict[str, Any], status: str, **values: Any) -> dict[str, Any] | None:
         """Move the job on, unless a client moved it first (a cancel between two of the runner's steps): None."""
@@ -168,23 +185,26 @@ class JobRunner:
         try:
             lines = await asyncio.to_thread(self._lines, job)
         except InvalidFile as exc:  # the file changed on disk after validation
-            await self._update(job, "failed", errors=[{"line": exc.line, "message": str(exc), "param": exc.param,
-                                                       "code": exc.code}])
+            await self._fail(job, exc)
             return "failed"
         done = await asyncio.to_thread(self.store.batches.done_lines, job["id"])
         todo = deque(line for line in lines if line.number not in done)
         disconnected = asyncio.Event()
         running: dict[asyncio.Task, Line] = {}
         reason: str | None = None
+        chores: asyncio.Task | None = None  # housekeeping for the other jobs, beside this one's lines
         try:
             while todo or running:
+                if self._wake.is_set() and (chores is None or chores.done()):
+                    self._wake.clear()
+                    chores = asyncio.create_task(self._housekeep(job["id"]))
                 reason = reason or self._stop_reason(job)
                 if reason is not None:
                     disconnected.set()
                 while todo and reason is None and len(running) < self._allowed(job["model"]):
                     line = todo.popleft()
                     running[asyncio.create_task(self._line(job, line, disconnected))] = line
-                self.in_flight = len(running)
+                self._set_in_flight(len(running))
                 if not running:
                     break
                 finished, _ = await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
@@ -196,8 +216,8 @@ class JobRunner:
             disconnected.set()
             for task in running:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            self.in_flight = 0
+            await asyncio.gather(*running, *([chores] if chores else []), return_exceptions=True)
+            self._set_in_flight(0)
         return reason or "finalizing"
 
     async def _line(self, job: dict[str, Any], line: Line, disconnected: asyncio.Event) -> bool:
@@ -205,6 +225,7 @@ class JobRunner:
         line was aborted)."""
         body = {**line.body, "service_tier": "flex"}
         status, answer, request_id = await call(self.app, job["endpoint"], body, job["id"], disconnected)
+        request_id = request_id or f"req_{uuid.uuid4().hex}"  # (error answers carry no x-request-id)
         if status == 499 or disconnected.is_set():
             return True
         if status in RETRY_STATUSES:
@@ -214,10 +235,18 @@ class JobRunner:
         result = {"status_code": status, "request_id": request_id, "body": answer}
         await asyncio.to_thread(self.store.batches.add_result, job["id"], line.number, line.custom_id, ok, result,
                                 usage_of(answer) if ok else {})
-        metrics = getattr(self.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.batch_lines.labels("completed" if ok else "failed").inc()
+        if self._metrics is not None:
+            self._metrics.batch_lines.labels("completed" if ok else "failed").inc()
         return False
+
+    @property
+    def _metrics(self) -> Any:
+        return getattr(self.app.state, "metrics", None)
+
+    def _set_in_flight(self, count: int) -> None:
+        self.in_flight = count
+        if self._metrics is not None:
+            self._metrics.batch_in_flight.set(count)
 
     async def _finish(self, job: dict[str, Any], final: str) -> None:
         """Write the job's outputs from its committed results, then give it its final status (the outputs are
