@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from ember.engine import scheduler as scheduler_module
 from ember.engine.block_manager import BlockManager
 from ember.engine.engine import LLMEngine
 from ember.engine.request import SamplingParams
@@ -198,4 +199,39 @@ def test_equal_priorities_schedule_as_fifo(weights):
         assert list(dict.fromkeys(rid for step in steps for rid, _ in step)) == list(requests)
         schedules.append(steps)
     assert schedules[0] == schedules[1]
+    assert out == _alone(weights, requests)
+
+
+def test_worse_work_gets_a_small_share_of_each_step_while_better_work_is_recent(weights, monkeypatch):
+    """While a live request was seen within RECENT_S, batch work computes at most YIELD_TOKENS query positions a
+    step (decodes, drafts and prompt chunks together), so that its steps stay short; once live traffic is gone
+    for that long, batch work takes the whole budget again. Outputs are as if alone either way."""
+    engine = make_engine(weights, max_num_batched_tokens=256)
+    sched = engine.scheduler
+    batch_share: list[tuple[int, int]] = []  # per step: (batch query positions, live query positions)
+    schedule = sched.schedule
+
+    def recorded():
+        items = schedule()
+        batch_share.append((sum(i.num_query_tokens for i in items if i.seq.params.priority == BATCH),
+                            sum(i.num_query_tokens for i in items if i.seq.params.priority == LIVE)))
+        return items
+
+    sched.schedule = recorded
+    requests = {"l": (_prompt(50, 12), greedy(4, priority=LIVE)),
+                **{f"b{i}": (_prompt(51 + i, 120), greedy(8, priority=BATCH)) for i in range(3)}}
+    out: dict[str, list[int]] = {}
+    engine.add_request("l", *requests["l"])
+    _step(engine, out)  # the live prompt, alone
+    for rid in ("b0", "b1", "b2"):
+        engine.add_request(rid, *requests[rid])
+    while "l" in engine.seqs:
+        _step(engine, out)
+    with_live = batch_share[1:]
+    assert with_live and max(b for b, _ in with_live) <= scheduler_module.YIELD_TOKENS
+    assert sum(b for b, _ in with_live) >= scheduler_module.YIELD_TOKENS  # batch work still moves
+    monkeypatch.setattr(scheduler_module, "RECENT_S", 0.0)  # the live request is long gone
+    mark = len(batch_share)
+    _drain(engine, out)
+    assert max(b for b, _ in batch_share[mark:]) > scheduler_module.YIELD_TOKENS
     assert out == _alone(weights, requests)

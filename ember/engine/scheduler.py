@@ -12,7 +12,10 @@ Priorities (SamplingParams.priority, lower first) let batch jobs yield to live t
 is ordered by priority, then arrival; a waiting head that finds no free slot or blocks preempts running
 sequences of strictly worse priority. A step that computes a prompt chunk of priority p carries no work
 of a worse one: those sequences keep their blocks and sit the step out, so a live request's time to first
-token stays close to idle. With equal priorities all of this is plain FIFO.
+token stays close to idle. And while better work has been seen in the last RECENT_S seconds, worse work
+computes at most YIELD_TOKENS query positions a step (decodes, drafts, prompt chunks; the rest sit the step
+out), so that no long step holds up the next better request.
+With equal priorities all of this is plain FIFO.
 
 Every change to a sequence's state happens here: admission, growth, preemption, the tokens a step
 appends (`append`), what it leaves computed (`computed`) and removal.
@@ -23,11 +26,15 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import SeqStatus, Sequence
 from ember.engine.spec.policy import DraftPriors, StepCost, allocate
 from ember.engine.step import StepItem
+
+RECENT_S = 2.0  # how long better work counts as present after it was last seen
+YIELD_TOKENS = 32  # query tokens per step for work worse than recent better work
 
 
 def _priority(seq: Sequence) -> int:
@@ -47,6 +54,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.step_cost = StepCost()  # a step's seconds by query positions, for the draft policy
         self.draft_priors = DraftPriors()
+        self._seen: dict[int, float] = {}  # priority -> when it was last the best running or waiting
 
     def add(self, seq: Sequence) -> None:
         self._enqueue(seq, front=False)
@@ -100,6 +108,16 @@ class Scheduler:
         """The running sequence to preempt first: the worst priority, the most recently admitted among equals."""
         return max(reversed(self.running), key=_priority, default=None)
 
+    def _recent_best(self) -> float:
+        """The best priority running or waiting within the last RECENT_S seconds."""
+        now = time.perf_counter()
+        present = [s.params.priority for s in self.running]
+        if self.waiting:
+            present.append(self.waiting[0].params.priority)
+        if present:
+            self._seen[min(present)] = now
+        return min((p for p, at in self._seen.items() if now - at < RECENT_S), default=math.inf)
+
     def _prefill_level(self) -> float:
         """The best priority whose prompt this step may compute: running sequences with prompt left and the
         waiting head. The head counts even if it may not be admitted: it is, by preempting, whenever something
@@ -109,10 +127,11 @@ class Scheduler:
             prefilling.append(self.waiting[0])
         return min(map(_priority, prefilling), default=math.inf)
 
-    def _add_drafts(self, scheduled: list[StepItem]) -> None:
+    def _add_drafts(self, scheduled: list[StepItem], share: Callable[[Sequence], int],
+                    spend: Callable[[Sequence, int], None]) -> None:
         """Give decoding sequences the drafts that pay (ember.engine.spec.policy), within what is left of the
-        token budget, max_tokens (the token sampled after them must fit), the context, the free blocks and
-        their grammar."""
+        token budget and of the sequence's `share` of it, max_tokens (the token sampled after them must fit),
+        the context, the free blocks and their grammar."""
         budget = self.max_num_batched_tokens - sum(item.num_query_tokens for item in scheduled)
         decodes = [item for item in scheduled if item.num_new_tokens == 1 and item.samples
                    and item.seq.num_output_tokens and item.seq.drafting is not None]
@@ -133,7 +152,8 @@ class Scheduler:
         odds = [(item.seq.drafting.acceptance(), len(p)) for item, p in zip(decodes, proposals, strict=True)]
         counts = allocate(odds, tokens, sampled, cost)
         for item, drafts, count in zip(decodes, proposals, counts, strict=True):
-            item.drafts = drafts[:min(count, budget, self.block_manager.room(item.seq) - 1)]
+            item.drafts = drafts[:min(count, budget, self.block_manager.room(item.seq) - 1, share(item.seq))]
+            spend(item.seq, len(item.drafts))
             item.seq.drafting.using(len(item.drafts))
             budget -= len(item.drafts)
             self.block_manager.grow(item.seq, 1 + len(item.drafts))
@@ -148,9 +168,22 @@ class Scheduler:
             self._preempt(victim)
             scheduled[:] = [s for s in scheduled if s.seq is not victim]
 
+        # while better work is recent, worse work gets a small share of each step (its decodes, drafts and prompt
+        # chunks): the steps stay short, and a better request arriving mid-step waits less for the step to end
+        best = self._recent_best()
+        worse_left = [YIELD_TOKENS]
+
+        def room(seq: Sequence) -> int:
+            """Query tokens seq may compute this step."""
+            return min(budget(), worse_left[0]) if seq.params.priority > best else budget()
+
+        def spend(seq: Sequence, tokens: int) -> None:
+            if seq.params.priority > best:
+                worse_left[0] -= tokens
+
         def admit(seq: Sequence) -> bool:
             """Admit seq, preempting strictly worse running sequences while it finds no slot or blocks."""
-            while not (len(self.running) < self.max_num_seqs and self.block_manager.admit(seq, budget())):
+            while not (len(self.running) < self.max_num_seqs and self.block_manager.admit(seq, room(seq))):
                 victim = self._victim()
                 if victim is None or victim.params.priority <= seq.params.priority:
                     return False
@@ -165,7 +198,10 @@ class Scheduler:
         for seq in decodes + prefills:
             if seq.status is not SeqStatus.RUNNING or budget() == 0:
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget())
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, room(seq))
+            if n == 0:
+                continue
             while not self.block_manager.can_grow(seq, n):
                 victim = self._victim()
                 preempt(victim)
@@ -174,9 +210,10 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 self.block_manager.grow(seq, n)
                 scheduled.append(StepItem(seq, n))
+                spend(seq, n)
         while self.waiting and budget() > 0 and self.waiting[0].params.priority <= level:
             seq = self.waiting[0]
-            if not admit(seq):
+            if room(seq) == 0 or not admit(seq):
                 break
             self.waiting.popleft()
             if not seq.admitted:
@@ -184,8 +221,10 @@ class Scheduler:
                 seq.admitted = True
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(StepItem(seq, min(seq.num_tokens - seq.num_computed_tokens, budget())))
-        self._add_drafts(scheduled)
+            n = min(seq.num_tokens - seq.num_computed_tokens, room(seq))
+            scheduled.append(StepItem(seq, n))
+            spend(seq, n)
+        self._add_drafts(scheduled, room, spend)
         now = time.perf_counter()
         for item in scheduled:
             if item.seq.timings.scheduled is None:
