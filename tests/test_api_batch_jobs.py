@@ -230,8 +230,8 @@ def test_download_urls_serve_the_file_and_resist_tampering(fw, served):
     # the payload names the path: pointing it at another dataset's file (keeping the signature) is refused
     payload, mac = url.rsplit("/", 1)[1].split(".")
     path, expires = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().rsplit("|", 1)
-    assert path == f"datasets/{ACCOUNT}/dl/dl.jsonl"
-    other = base64.urlsafe_b64encode(f"datasets/{ACCOUNT}/dl-other/other.jsonl|{expires}".encode()).decode()
+    assert path == f"get:datasets/{ACCOUNT}/dl/dl.jsonl"
+    other = base64.urlsafe_b64encode(f"get:datasets/{ACCOUNT}/dl-other/other.jsonl|{expires}".encode()).decode()
     assert httpx.get(f"{served.url}/downloads/{other.rstrip('=')}.{mac}").status_code == 403
     later = base64.urlsafe_b64encode(f"{path}|{int(expires) + 10**6}".encode()).decode()  # a longer life
     assert httpx.get(f"{served.url}/downloads/{later.rstrip('=')}.{mac}").status_code == 403
@@ -534,3 +534,35 @@ def test_deleting_a_running_job_cancels_it(fw, served):
     assert all(r["response"]["usage"]["completion_tokens"] == 32 for r in done)  # only whole answers
     stats = served.wait_idle()
     assert stats["num_running"] == stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0
+
+
+def test_shards_put_to_signed_upload_urls_make_one_dataset(fw, served, data_dir):
+    """getUploadEndpoint signs a PUT URL per file for its exact size (no API key needed: the URL is the
+    credential); validateUpload makes the dataset READY once every file is whole; a job reads the shards in
+    name order as one file."""
+    shards = {"part-1.jsonl": _jsonl([_line(f"s{i}", f"Say {i}", max_tokens=4, temperature=0) for i in range(3)]),
+              "part-2.jsonl": _jsonl([_line(f"s{i}", f"Say {i}", max_tokens=4, temperature=0) for i in range(3, 5)])}
+    fw.datasets.create(dataset_id="sharded", dataset={"userUploaded": {}})
+    urls = fw.datasets.get_upload_endpoint(
+        "sharded", filename_to_size={n: str(len(d)) for n, d in shards.items()}).filename_to_signed_urls
+    assert set(urls) == set(shards) and all(u.startswith(f"{served.url}/uploads/") for u in urls.values())
+    with pytest.raises(fireworks.BadRequestError):  # nothing uploaded yet
+        fw.datasets.validate_upload("sharded", body={})
+    name, url = "part-1.jsonl", urls["part-1.jsonl"]
+    assert httpx.put(url, content=shards[name] + b"x").status_code == 400  # not the size registered
+    assert not (data_dir / "datasets" / ACCOUNT / "sharded" / name).exists()
+    payload, mac = url.rsplit("/", 1)[1].split(".")
+    forged = f"{url.rsplit('/', 1)[0]}/{payload[:-1]}{'A' if payload[-1] != 'A' else 'B'}.{mac}"
+    assert httpx.put(forged, content=shards[name]).status_code == 403
+    for name, data in shards.items():
+        assert httpx.put(urls[name], content=data).status_code == 200
+    fw.datasets.validate_upload("sharded", body={})
+    got = fw.datasets.get("sharded")
+    assert got.state == "READY" and got.example_count == "5"
+    assert "_expectedFiles" not in got.to_dict()
+    fw.batch_inference_jobs.create(model=FW_MODEL, input_dataset_id="sharded", batch_inference_job_id="shards")
+    job = _wait_job(fw, "shards")
+    assert job.state == "JOB_STATE_COMPLETED" and job.job_progress.successfully_processed_requests == 5
+    assert sorted(r["custom_id"] for r in _records(_files(fw, "shards-output")[OUTPUT])) == [f"s{i}" for i in range(5)]
+    with pytest.raises(fireworks.BadRequestError):  # a dataset with data takes no more
+        fw.datasets.get_upload_endpoint("sharded", filename_to_size={"more.jsonl": "10"})

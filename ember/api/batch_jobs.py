@@ -51,8 +51,8 @@ async def create_job(account: str, body: BatchJobCreate, request: Request,
     source = await asyncio.to_thread(store.files.get_dataset, account, source_id)
     if source is None:
         raise not_found("dataset", f"accounts/{account}/datasets/{source_id}")
-    if source["state"] != "READY" or len(source["files"]) != 1:
-        raise RequestError(f"dataset {source_id!r} has no uploaded data yet (upload one JSONL file first)",
+    if source["state"] != "READY" or not source["files"]:
+        raise RequestError(f"dataset {source_id!r} has no uploaded data yet (upload its JSONL first)",
                            "inputDatasetId", 400, "FAILED_PRECONDITION")
     output_id = dataset_id(account, body.outputDatasetId, "outputDatasetId") if body.outputDatasetId \
         else f"{job_id[:56]}-output"
@@ -68,10 +68,10 @@ async def create_job(account: str, body: BatchJobCreate, request: Request,
         if not await asyncio.to_thread(store.files.put_dataset, output):
             raise RequestError(f"dataset {output_id!r} already exists; name a new outputDatasetId",
                                "outputDatasetId", 409, "ALREADY_EXISTS")
-        (filename,) = source["files"]
-        try:
-            input_path = await asyncio.to_thread(keep_input, store,
-                                                 f"{dataset_folder(account, source_id)}/{filename}", name)
+        folder = dataset_folder(account, source_id)
+        try:  # (a dataset of several files, shards, is read in the order of their names)
+            input_path = await asyncio.to_thread(keep_input, store, [f"{folder}/{f}" for f in sorted(source["files"])],
+                                                 name)
         except FileNotFoundError:  # the input dataset was deleted since it was looked up: as if it never was
             await asyncio.to_thread(store.files.delete_dataset, account, output_id)
             await asyncio.to_thread(store.blobs.remove_tree, f"batches/{name.replace('/', '_')}")

@@ -41,7 +41,7 @@ async def create_batch(body: BatchCreate, request: Request) -> dict:
     hexid = uuid.uuid4().hex
     job_id, now = f"batch_{hexid}", time.time()
     try:
-        input_path = await asyncio.to_thread(keep_input, store, source["path"], job_id)
+        input_path = await asyncio.to_thread(keep_input, store, [source["path"]], job_id)
     except FileNotFoundError:  # the file was deleted since it was looked up: as if it had never been
         await asyncio.to_thread(store.blobs.remove_tree, f"batches/{job_id}")
         raise not_found("file", body.input_file_id, "input_file_id") from None

@@ -1,7 +1,8 @@
 """Fireworks' datasets under `/v1/accounts/{account}/datasets`: create, `:upload` (multipart `file`), get, list,
-update, delete, and `:getDownloadEndpoint`, whose URLs Ember serves itself at `/downloads/<token>`: a token is
-signed with a key the server draws at start-up and lasts DOWNLOAD_TTL_S, so a URL works without the API key,
-names one file, and dies with the server or the hour."""
+update, delete, `:getDownloadEndpoint`, and `:getUploadEndpoint` + `:validateUpload` (files PUT to signed URLs,
+several per dataset). Ember serves the signed URLs itself, at `/downloads/<token>` and `/uploads/<token>`: a
+token is signed with a key the server draws at start-up and lasts DOWNLOAD_TTL_S, so a URL works without the API
+key, names one file (and for an upload its size), and dies with the server or the hour."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from ember.api.batch.fireworks import check_id, dataset_object
-from ember.api.batch.protocol import DatasetCreate, DatasetSpec
+from ember.api.batch.fireworks import EXPECTED, check_id, dataset_object
+from ember.api.batch.protocol import DatasetCreate, DatasetSpec, UploadEndpointRequest
 from ember.api.files import multipart, save, upload_of
 from ember.api.state import store_of
 from ember.serving.errors import RequestError
+from ember.store.blobs import TooLarge
 from ember.store.files import dataset_folder
 
 router = APIRouter()
@@ -69,21 +71,22 @@ def masked(obj: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k in keep}
 
 
-def sign(key: bytes, path: str, expires: int) -> str:
-    payload = base64.urlsafe_b64encode(f"{path}|{expires}".encode()).decode().rstrip("=")
-    mac = hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32]
-    return f"{payload}.{mac}"
+def sign(key: bytes, payload: str, expires: int) -> str:
+    """A URL-safe token carrying `payload` until `expires` (epoch seconds), unforgeable without the key."""
+    data = base64.urlsafe_b64encode(f"{payload}|{expires}".encode()).decode().rstrip("=")
+    mac = hmac.new(key, data.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{data}.{mac}"
 
 
 def verified(key: bytes, token: str) -> str | None:
-    """The data-directory path a token names, or None when it is forged, garbled or expired."""
-    payload, _, mac = token.partition(".")
+    """The payload a token carries, or None when it is forged, garbled or expired."""
+    data, _, mac = token.partition(".")
     # bytes, not str: compare_digest raises on non-ASCII text, and a URL may carry any
-    if not hmac.compare_digest(hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()[:32].encode(),
+    if not hmac.compare_digest(hmac.new(key, data.encode(), hashlib.sha256).hexdigest()[:32].encode(),
                                mac.encode()):
         return None
-    path, _, expires = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().rpartition("|")
-    return path if expires.isdigit() and int(expires) > time.time() else None
+    payload, _, expires = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)).decode().rpartition("|")
+    return payload if expires.isdigit() and int(expires) > time.time() else None
 
 
 async def _dataset(request: Request, account: str, dataset_id: str) -> dict[str, Any]:
@@ -94,6 +97,12 @@ async def _dataset(request: Request, account: str, dataset_id: str) -> dict[str,
 
 
 PREFIX = "/accounts/{account}/datasets"
+
+
+def _awaiting_data(row: dict[str, Any], dataset_id: str) -> None:
+    if row["files"] or row["meta"].get("sourceJobName"):
+        raise RequestError(f"dataset {dataset_id!r} already has its data (or is a job's output); create another",
+                           "dataset_id", 400, "FAILED_PRECONDITION")
 
 
 def _count_examples(path: Path) -> int:
@@ -113,10 +122,7 @@ async def upload_dataset(account: str, dataset_id: str, request: Request) -> dic
                            "FAILED_PRECONDITION")
     uploading.add(key)
     try:
-        row = await _dataset(request, account, dataset_id)
-        if row["files"] or row["meta"].get("sourceJobName"):
-            raise RequestError(f"dataset {dataset_id!r} already has its data (or is a job's output); create "
-                               "another", "dataset_id", 400, "FAILED_PRECONDITION")
+        _awaiting_data(await _dataset(request, account, dataset_id), dataset_id)
         upload = upload_of(await multipart(request))
         if upload.filename in (".", ".."):  # the name is a path in the data directory: these would leave the folder
             raise RequestError(f"the file name {upload.filename!r} is not allowed; name the file", "file")
@@ -131,6 +137,50 @@ async def upload_dataset(account: str, dataset_id: str, request: Request) -> dic
             "object": "file", "purpose": "dataset"}
 
 
+@router.post(PREFIX + "/{dataset_id}:getUploadEndpoint")
+async def upload_endpoint(account: str, dataset_id: str, body: UploadEndpointRequest, request: Request) -> dict:
+    """Signed PUT URLs for a dataset's files (Fireworks' way to upload several shards or large files); each call
+    replaces the set of files expected. `:validateUpload` then makes the dataset READY."""
+    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    _awaiting_data(row, dataset_id)
+    limit = request.app.state.config.max_upload_bytes
+    expected: dict[str, int] = {}
+    for name, size in body.filenameToSize.items():
+        if name != name.replace("\\", "/").rsplit("/", 1)[-1] or name in ("", ".", ".."):
+            raise RequestError(f"file name {name!r} must be a plain file name", "filenameToSize")
+        if not (size.isdigit() and 0 < int(size) <= limit):
+            raise RequestError(f"size {size!r} of {name!r} must be 1 to {limit} bytes (--max-upload-bytes)",
+                               "filenameToSize", 413 if size.isdigit() and int(size) > limit else 400)
+        expected[name] = int(size)
+    await asyncio.to_thread(store_of(request).files.update_dataset, account, dataset_id,
+                            meta={**row["meta"], EXPECTED: expected})
+    expires, base = int(time.time()) + DOWNLOAD_TTL_S, str(request.base_url).rstrip("/")
+    key = request.app.state.signing_key
+    return masked({"filenameToSignedUrls": {
+        name: f"{base}/uploads/{sign(key, f'put:{size}:{account}/{dataset_id}/{name}', expires)}"
+        for name, size in expected.items()}}, body.readMask)
+
+
+@router.post(PREFIX + "/{dataset_id}:validateUpload")
+async def validate_upload(account: str, dataset_id: str, request: Request) -> dict:
+    """The files `:getUploadEndpoint` registered are all there, whole: the dataset becomes READY."""
+    store = store_of(request)
+    row = await _dataset(request, check_id(account, "account_id"), check_id(dataset_id, "dataset_id"))
+    _awaiting_data(row, dataset_id)
+    expected: dict[str, int] = row["meta"].get(EXPECTED) or {}
+    folder = dataset_folder(account, dataset_id)
+    missing = [n for n, size in expected.items() if not store.blobs.path(f"{folder}/{n}").exists()
+               or store.blobs.path(f"{folder}/{n}").stat().st_size != size]
+    if not expected or missing:
+        raise RequestError(f"not uploaded yet: {', '.join(missing) or 'no files were registered'}", "dataset_id",
+                           400, "FAILED_PRECONDITION")
+    examples = sum([await asyncio.to_thread(_count_examples, store.blobs.path(f"{folder}/{n}")) for n in expected])
+    meta = {k: v for k, v in row["meta"].items() if k != EXPECTED}
+    await asyncio.to_thread(store.files.update_dataset, account, dataset_id, state="READY", files=expected,
+                            example_count=examples, meta=meta)
+    return {}
+
+
 @router.get(PREFIX + "/{dataset_id}:getDownloadEndpoint")
 async def download_endpoint(account: str, dataset_id: str, request: Request, readMask: str | None = None,  # noqa: N803
                             downloadLineage: bool = False) -> dict:  # noqa: N803
@@ -142,7 +192,7 @@ async def download_endpoint(account: str, dataset_id: str, request: Request, rea
     base = str(request.base_url).rstrip("/")
     key = request.app.state.signing_key
     folder = dataset_folder(account, dataset_id)
-    return masked({"filenameToSignedUrls": {name: f"{base}/downloads/{sign(key, f'{folder}/{name}', expires)}"
+    return masked({"filenameToSignedUrls": {name: f"{base}/downloads/{sign(key, f'get:{folder}/{name}', expires)}"
                                             for name in sorted(row["files"])}}, readMask)
 
 
@@ -194,11 +244,38 @@ async def delete_dataset(account: str, dataset_id: str, request: Request) -> dic
 
 @downloads_router.get("/downloads/{token}", include_in_schema=False)
 async def download(token: str, request: Request) -> FileResponse:
-    path = verified(request.app.state.signing_key, token)
-    if path is None:
+    payload = verified(request.app.state.signing_key, token) or ""
+    if not payload.startswith("get:"):
         raise RequestError("this download link is invalid or has expired; ask for a new one", None, 403,
                            "PERMISSION_DENIED")
-    full = store_of(request).blobs.path(path)
+    full = store_of(request).blobs.path(payload.removeprefix("get:"))
     if not full.exists():
         raise RequestError("the file is gone", None, 404, "NOT_FOUND")
     return FileResponse(full, media_type="application/octet-stream", filename=full.name)
+
+
+@downloads_router.put("/uploads/{token}", include_in_schema=False)
+async def upload_shard(token: str, request: Request) -> dict:
+    """One file of a dataset, PUT to the URL `:getUploadEndpoint` signed for it (its exact size)."""
+    payload = verified(request.app.state.signing_key, token) or ""
+    kind, _, rest = payload.partition(":")
+    size, _, path = rest.partition(":")
+    if kind != "put" or not size.isdigit():
+        raise RequestError("this upload link is invalid or has expired; ask for a new one", None, 403,
+                           "PERMISSION_DENIED")
+    account, dataset_id, name = path.split("/", 2)
+    row = await asyncio.to_thread(store_of(request).files.get_dataset, account, dataset_id)
+    if row is None or row["meta"].get(EXPECTED, {}).get(name) != int(size):
+        raise RequestError("the dataset no longer expects this file; ask for a new upload link", None, 404,
+                           "NOT_FOUND")
+    relative = f"{dataset_folder(account, dataset_id)}/{name}"
+    try:
+        written = await store_of(request).blobs.receive(relative, request.stream(), int(size))
+    except TooLarge as exc:
+        raise RequestError(f"the file has more than the {size} bytes registered for it", None, 400,
+                           "INVALID_ARGUMENT") from exc
+    if written != int(size):
+        await asyncio.to_thread(store_of(request).blobs.remove, relative)
+        raise RequestError(f"the file has {written} bytes; {size} were registered for it", None, 400,
+                           "INVALID_ARGUMENT")
+    return {}

@@ -43,7 +43,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # answered without a key: liveness probes, and the dashboard's page and script (they hold no data; the page
 # asks for the key and sends it with its requests for /v1/usage)
 OPEN_PATHS = frozenset({"/health", "/dashboard"})
-OPEN_PREFIXES = ("/dashboard/vendor/", "/downloads/")  # (a download URL is signed: ember.api.datasets)
+OPEN_PREFIXES = ("/dashboard/vendor/", "/downloads/", "/uploads/")  # (those URLs are signed: ember.api.datasets)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # the routes behind the models' admission
 UPLOAD_PATHS = ("/v1/files", ":upload")  # POSTs of files: --max-upload-bytes, not --max-request-bytes
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
@@ -168,7 +168,7 @@ class Guard:
                          "too_many_requests", [(b"retry-after", b"1")])
             return
         declared = headers.get(b"content-length")
-        upload = scope["method"] == "POST" and path.endswith(UPLOAD_PATHS)
+        upload = (scope["method"] == "POST" and path.endswith(UPLOAD_PATHS)) or path.startswith("/uploads/")
         limit = self.config.max_upload_bytes if upload else self.config.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         if declared is not None and declared.isdigit() and int(declared) > limit:

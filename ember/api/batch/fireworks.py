@@ -14,6 +14,7 @@ from ember.store import Store
 from ember.store.files import dataset_folder
 
 OUTPUT_FILE, ERROR_FILE = "BIJOutputSet.jsonl", "error-data.jsonl"
+EXPECTED = "_expectedFiles"  # a dataset's meta: the files :getUploadEndpoint registered (name -> bytes), not shown
 RESOURCE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # Fireworks' resource ids (and safe as folder names)
 STATE = {"validating": "JOB_STATE_VALIDATING", "pending": "JOB_STATE_PENDING", "in_progress": "JOB_STATE_RUNNING",
          "finalizing": "JOB_STATE_WRITING_RESULTS", "completed": "JOB_STATE_COMPLETED", "failed": "JOB_STATE_FAILED",
@@ -43,7 +44,7 @@ def rfc3339(seconds: float) -> str:
 
 
 def dataset_object(row: dict[str, Any]) -> dict[str, Any]:
-    meta = row["meta"]
+    meta = {k: v for k, v in row["meta"].items() if k != EXPECTED}
     return {**meta, "name": f"accounts/{row['account']}/datasets/{row['id']}", "createTime": rfc3339(row["created_at"]),
             "updateTime": rfc3339(row["updated_at"]), "state": row["state"], "exampleCount": str(row["example_count"]),
             "status": {"code": "OK", "message": ""}}

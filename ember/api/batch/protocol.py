@@ -115,3 +115,8 @@ class DatasetCreate(_Strict):
 
     datasetId: str
     dataset: DatasetSpec
+
+
+class UploadEndpointRequest(_Strict):
+    filenameToSize: Annotated[dict[str, str], Field(min_length=1, max_length=1000)]  # sizes in bytes, as strings
+    readMask: str | None = None

@@ -41,17 +41,24 @@ SOURCES = {"pending": ("validating",), "failed": ("validating", "in_progress"),
            "cancelled": ("validating", "pending", "in_progress", "cancelling"), "expired": ("pending", "in_progress")}
 
 
-def keep_input(store: Store, source: str, job_id: str) -> str:
-    """The job's own copy of its input (a hard link where the file system allows): deleting the uploaded file
-    or dataset while the job runs or waits changes nothing. Its path under the data directory."""
+def keep_input(store: Store, sources: list[str], job_id: str) -> str:
+    """The job's own copy of its input (a hard link where the file system allows; several files, a dataset's
+    shards, are joined in order): deleting the uploaded file or dataset while the job runs or waits changes
+    nothing. Its path under the data directory."""
     relative = f"batches/{job_id.replace('/', '_')}/input.jsonl"
     target = store.blobs.path(relative)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
-    try:
-        os.link(store.blobs.path(source), target)
-    except OSError:
-        shutil.copyfile(store.blobs.path(source), target)
+    if len(sources) == 1:
+        try:
+            os.link(store.blobs.path(sources[0]), target)
+        except OSError:
+            shutil.copyfile(store.blobs.path(sources[0]), target)
+        return relative
+    with open(target, "wb") as joined:
+        for source in sources:
+            data = store.blobs.path(source).read_bytes()
+            joined.write(data if data.endswith(b"\n") else data + b"\n")
     return relative
 
 
