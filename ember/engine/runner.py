@@ -9,11 +9,12 @@ import torch
 from ember.engine.step import StepItem
 from ember.models.attention import build_metadata
 from ember.models.config import ModelConfig
+from ember.models.gemma3 import Gemma3Model
 from ember.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel | Gemma3Model, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
         self.last_prepare_seconds = 0.0  # of the last run(), for the engine's step phases

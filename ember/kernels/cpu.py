@@ -62,7 +62,7 @@ def _load() -> ctypes.CDLL:
     lib.ember_set_num_threads.argtypes = [ctypes.c_int]
     lib.ember_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ember_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
-    lib.ember_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ptr]
+    lib.ember_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, i64, ptr]
     lib.ember_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr]
     lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.ember_rope_store.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
@@ -140,9 +140,12 @@ def dequantize(ggml_type: int, packed: torch.Tensor, k: int, rows: torch.Tensor 
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_blocks: torch.Tensor,
-              row_seq: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
+              row_seq: torch.Tensor, row_lengths: torch.Tensor, scale: float | None = None,
+              window: int | None = None) -> torch.Tensor:
     """Attention of every query row read in place from the paged cache (no gather): row i attends to the
-    first row_lengths[i] slots of sequence row_seq[i]'s blocks (causal for a prefill chunk's rows).
+    first row_lengths[i] slots of sequence row_seq[i]'s blocks (causal for a prefill chunk's rows), or with
+    a `window` only to the last `window` of them (a sliding-window layer). Scores are scaled by `scale`
+    (default head_dim ** -0.5).
 
     q [rows, heads, dim] float32; k_cache [blocks, kv_heads, dim, block_size] (transposed within each block), v_cache
     [blocks, block_size, kv_heads, dim]; seq_blocks int64 [sequences, max blocks]; row_seq and row_lengths
@@ -154,7 +157,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq
     out = torch.empty(rows, heads, dim)
     lib().ember_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), seq_blocks.data_ptr(),
                           row_seq.data_ptr(), row_lengths.data_ptr(), rows, heads, v_cache.shape[2], dim,
-                          v_cache.shape[1], seq_blocks.shape[1], dim ** -0.5, out.data_ptr())
+                          v_cache.shape[1], seq_blocks.shape[1], dim ** -0.5 if scale is None else scale, window or 0,
+                          out.data_ptr())
     return out
 
 

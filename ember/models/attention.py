@@ -12,7 +12,7 @@ per item: one for the short queries (decodes, decodes with drafts), one for pref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,15 @@ class SdpaGroup:
     width: int  # the longest query among them
     blocks: torch.Tensor  # [items, max_blocks] their block tables
     mask: torch.Tensor  # [items, 1, width, max_blocks * block_size], True = attend
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> mask, made at first use
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The mask of a sliding-window layer: each query row also sees only the last `window` of its keys
+        (made once per step, then shared by every layer with that window)."""
+        if window not in self.windowed:
+            keys = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            self.windowed[window] = self.mask & (keys >= self.mask.sum(-1, keepdim=True) - window)
+        return self.windowed[window]
 
 
 @dataclass
@@ -103,10 +112,13 @@ def paged_attention(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K/V stored
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
+    scale: float | None = None,  # default head_dim ** -0.5
+    window: int | None = None,  # a sliding-window layer: each query sees only its last `window` positions
 ) -> torch.Tensor:
     """Attend each query to its item's cached context, causally."""
     if meta.kernel:
-        return cpu_kernels.attention(q, k_cache, v_cache, meta.seq_blocks, meta.row_seq, meta.row_lengths)
+        return cpu_kernels.attention(q, k_cache, v_cache, meta.seq_blocks, meta.row_seq, meta.row_lengths, scale,
+                                     window)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     heads, dim = q.shape[1:]
     for g in meta.groups:
@@ -115,6 +127,7 @@ def paged_attention(
         qp = qp.view(items, g.width, heads, dim).transpose(1, 2)  # [B, H, width, D]
         kp = _gather(k_cache, g.blocks).transpose(1, 2)  # [B, Hkv, L, D]
         vp = _gather(v_cache, g.blocks).transpose(1, 2)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, enable_gqa=True)
+        mask = g.mask if window is None else g.window_mask(window)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
         out.index_copy_(0, g.src, op.transpose(1, 2).reshape(items * g.width, heads, dim).index_select(0, g.dest))
     return out

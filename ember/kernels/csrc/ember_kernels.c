@@ -833,9 +833,15 @@ typedef struct {
     const int64_t *tables, *row_seq, *lens;
     int64_t q_stride, heads, kv_heads, dim, block_size, max_blocks;
     float scale;
+    int64_t window;  /* > 0: each row attends only to its last `window` slots (a sliding-window layer) */
     float *out;
     int per_kv_head;  /* a task per (row, kv head) rather than per (row, head) */
 } attn_job;
+
+/* the first slot row b attends to: 0, or the start of its window */
+static inline int64_t attn_first(const attn_job *j, int64_t b) {
+    return j->window > 0 && j->lens[b] > j->window ? j->lens[b] - j->window : 0;
+}
 
 static _Thread_local float *score_buf;
 static _Thread_local int64_t score_cap;
@@ -853,22 +859,22 @@ typedef float v16f __attribute__((vector_size(64), aligned(4)));
  * for every row on one machine). */
 #define FMA_OK __attribute__((optimize("fp-contract=fast")))  /* multiply-adds fused where the ISA has them */
 static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_job *j, int64_t b, int64_t h, int64_t D) {
-    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
+    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], first = attn_first(j, b), stride = j->kv_heads * D;
     const float *restrict q = j->q + b * j->q_stride + h * D;
     const int64_t *table = j->tables + j->row_seq[b] * j->max_blocks;
     float *restrict s = score_buf, mx = -INFINITY;
     v16f mx16;
     for (int o = 0; o < 16; o++) mx16[o] = -INFINITY;
-    for (int64_t blk = 0, t = 0; t < len; blk++, t += 16) {
+    for (int64_t blk = first / 16, t = blk * 16; t < len; blk++, t += 16) {
         const v16f *kt = (const v16f *)(j->k_cache + (table[blk] * j->kv_heads + kvh) * D * 16);
         v16f acc = {0};
         for (int64_t e = 0; e < D; e++) acc += q[e] * kt[e];
         acc *= j->scale;
-        if (t + 16 <= len) {
+        if (t >= first && t + 16 <= len) {
             memcpy(s + t, &acc, sizeof acc);
             for (int o = 0; o < 16; o++) mx16[o] = acc[o] > mx16[o] ? acc[o] : mx16[o];
         } else {
-            for (int o = 0; t + o < len; o++) {
+            for (int o = t < first ? (int)(first - t) : 0; o < 16 && t + o < len; o++) {
                 s[t + o] = acc[o];
                 mx = acc[o] > mx ? acc[o] : mx;
             }
@@ -876,7 +882,7 @@ static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_
     }
     for (int o = 0; o < 16; o++) mx = mx16[o] > mx ? mx16[o] : mx;
     v16f part = {0};
-    int64_t t = 0;
+    int64_t t = first;
     for (; t + 16 <= len; t += 16) {
         v16f e16;
         for (int o = 0; o < 16; o++) e16[o] = exp_approx(s[t + o] - mx);
@@ -891,9 +897,10 @@ static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_
     for (int o = 0; o < 16; o++) sum += part[o];
     float inv = 1.0f / sum;
     v16f out[32] = {{0}};  /* D <= 512 */
-    for (int64_t blk = 0, t = 0; t < len; blk++) {
-        const float *v = j->v_cache + table[blk] * 16 * stride + kvh * D;
-        for (int o = 0; o < 16 && t < len; o++, t++, v += stride) {
+    for (int64_t t = first; t < len;) {
+        int64_t o = t % 16;
+        const float *v = j->v_cache + (table[t / 16] * 16 + o) * stride + kvh * D;
+        for (; o < 16 && t < len; o++, t++, v += stride) {
             float p = s[t] * inv;
             for (int64_t i = 0; i < D / 16; i++) out[i] += p * ((const v16f *)v)[i];
         }
@@ -904,28 +911,30 @@ static inline __attribute__((always_inline)) FMA_OK void attn_core16(const attn_
 /* the same for any block size and head size (scalar loops over the same layouts) */
 static void attn_core_any(const attn_job *j, int64_t b, int64_t h) {
     int64_t D = j->dim, BS = j->block_size;
-    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], stride = j->kv_heads * D;
+    int64_t kvh = h / (j->heads / j->kv_heads), len = j->lens[b], first = attn_first(j, b), stride = j->kv_heads * D;
     const float *q = j->q + b * j->q_stride + h * D;
     const int64_t *table = j->tables + j->row_seq[b] * j->max_blocks;
     float *s = score_buf, mx = -INFINITY, sum = 0.0f, acc[512];
-    for (int64_t blk = 0, t = 0; t < len; blk++) {
-        const float *kt = j->k_cache + (table[blk] * j->kv_heads + kvh) * D * BS;
-        for (int64_t o = 0; o < BS && t < len; o++, t++) {
+    for (int64_t t = first; t < len;) {
+        int64_t o = t % BS;
+        const float *kt = j->k_cache + (table[t / BS] * j->kv_heads + kvh) * D * BS;
+        for (; o < BS && t < len; o++, t++) {
             float dot = 0.0f;
             for (int64_t e = 0; e < D; e++) dot += q[e] * kt[e * BS + o];
             s[t] = dot * j->scale;
             mx = s[t] > mx ? s[t] : mx;
         }
     }
-    for (int64_t t = 0; t < len; t++) {
+    for (int64_t t = first; t < len; t++) {
         s[t] = exp_approx(s[t] - mx);
         sum += s[t];
     }
     float inv = 1.0f / sum;
     for (int64_t e = 0; e < D; e++) acc[e] = 0.0f;
-    for (int64_t blk = 0, t = 0; t < len; blk++) {
-        const float *v = j->v_cache + table[blk] * BS * stride + kvh * D;
-        for (int64_t o = 0; o < BS && t < len; o++, t++, v += stride)
+    for (int64_t t = first; t < len;) {
+        int64_t o = t % BS;
+        const float *v = j->v_cache + (table[t / BS] * BS + o) * stride + kvh * D;
+        for (; o < BS && t < len; o++, t++, v += stride)
             for (int64_t e = 0; e < D; e++) acc[e] += s[t] * inv * v[e];
     }
     memcpy(j->out + (b * j->heads + h) * D, acc, (size_t)D * sizeof(float));
@@ -942,6 +951,7 @@ MULTIVERSION FMA_OK static void attn_row(const attn_job *j, int64_t b, int64_t h
     if (j->block_size != 16 || j->dim % 16) attn_core_any(j, b, h);
     else if (j->dim == 64) attn_core16(j, b, h, 64);
     else if (j->dim == 128) attn_core16(j, b, h, 128);
+    else if (j->dim == 256) attn_core16(j, b, h, 256);  /* Gemma 3 */
     else attn_core16(j, b, h, j->dim);
 }
 
@@ -961,13 +971,15 @@ static void attn_task(void *ctx, int64_t task) {
  * the first lens[i] slots of the blocks of its sequence (tables[row_seq[i], :]) in caches laid out
  * [blocks, kv_heads, dim, block_size] (K, transposed within each block) and [blocks, block_size, kv_heads,
  * dim] (V): a decode attends to its whole context, a prefill query to the positions up to its own
- * (causal). out is [rows, heads, dim]; dim is at most 512. */
+ * (causal); with window > 0 only to the last `window` of those (a sliding-window layer). out is [rows, heads,
+ * dim]; dim is at most 512. */
 void ember_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                      const int64_t *tables, const int64_t *row_seq, const int64_t *lens, int64_t rows, int64_t heads,
-                     int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, float scale, float *out) {
+                     int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, float scale,
+                     int64_t window, float *out) {
     int per_kv_head = rows * kv_heads >= 4 * (pool.n_workers + 1);
     attn_job j = {q, k_cache, v_cache, tables, row_seq, lens, q_stride, heads, kv_heads, dim, block_size, max_blocks,
-                  scale, out, per_kv_head};
+                  scale, window, out, per_kv_head};
     parallel_for(attn_task, &j, rows * (per_kv_head ? kv_heads : heads));
 }
 
@@ -1087,7 +1099,7 @@ int ember_forward_layers(const qmodel *m, float *h, int64_t rows, const int64_t 
         ember_rope_store(qkv, qkv_size, rows, positions, m->cos_t, m->sin_t, m->heads, m->kv_heads, m->head_dim,
                          slots, m->block_size, L->k_cache, L->v_cache);
         ember_attention(qkv, qkv_size, L->k_cache, L->v_cache, tables, row_seq, lens, rows, m->heads, m->kv_heads,
-                        m->head_dim, m->block_size, max_blocks, scale, attn);
+                        m->head_dim, m->block_size, max_blocks, scale, 0, attn);
         rc |= qlinear(&L->o, attn, rows, h, m->hidden, 1);
         ember_rms_norm(h, m->hidden, rows, m->hidden, L->post_norm, m->eps, x);
         rc |= qlinear(&L->gate_up, x, rows, gu, 2 * m->inter, 0);
