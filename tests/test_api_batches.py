@@ -328,7 +328,7 @@ def test_create_batch_errors_name_the_field(srv):
     ok = {"input_file_id": upload.id, "endpoint": CHAT, "completion_window": "24h"}
     cases = [({"input_file_id": "file-missing"}, 404, "input_file_id", "No file"),
              ({"input_file_id": other.id}, 400, "input_file_id", "purpose"),
-             ({"endpoint": "/v1/embeddings"}, 400, "endpoint", "not supported"),
+             ({"endpoint": "/v1/moderations"}, 400, "endpoint", "not supported"),
              ({"endpoint": "/v1/chat"}, 400, "endpoint", "endpoint must be one of"),
              ({"completion_window": "48h"}, 400, "completion_window", "24h"),
              ({"extra_body": {"frobnicate": 1}}, 400, "frobnicate", "frobnicate")]

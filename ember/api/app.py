@@ -18,6 +18,7 @@ from ember.api import (
     chat,
     completions,
     datasets,
+    embeddings,
     files,
     health,
     metrics,
@@ -101,8 +102,9 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.job_create_lock = asyncio.Lock()  # batch job creation, from the id check to the row
     install_error_handlers(app)
     for prefix in API_PREFIXES:
-        for router in (chat.router, completions.router, responses.router, models.router, health.stats_router,
-                       usage.router, files.router, batches.router, datasets.router, batch_jobs.router):
+        for router in (chat.router, completions.router, responses.router, embeddings.router, models.router,
+                       health.stats_router, usage.router, files.router, batches.router, datasets.router,
+                       batch_jobs.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
     app.include_router(datasets.downloads_router)

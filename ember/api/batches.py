@@ -21,7 +21,7 @@ from ember.store.batches import CANCELLABLE
 
 router = APIRouter()
 
-LATER_ENDPOINTS = ("/v1/embeddings", "/v1/moderations")  # OpenAI's, not served by Ember yet
+LATER_ENDPOINTS = ("/v1/moderations",)  # OpenAI's, not served by Ember yet
 
 
 @router.post("/batches")

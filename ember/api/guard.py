@@ -129,7 +129,8 @@ class Guard:
     def _all_models_full(self) -> bool:
         """Whether no served model could admit one more request: then a burst's overflow is refused before
         its body is read and validated (the route's own admission stays the exact check per model)."""
-        models = list(getattr(self.state, "registry", None) or [])
+        registry = getattr(self.state, "registry", None)
+        models = registry.generators() if registry is not None else []
         limit_extra = self.state.config.max_waiting_requests
         return bool(models) and all(m.admission.active >= m.max_num_seqs + limit_extra for m in models)
 

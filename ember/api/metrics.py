@@ -18,8 +18,8 @@ from ember.serving.models import ModelRegistry
 router = APIRouter()
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-ENDPOINTS = frozenset({"chat.completions", "completions", "responses", "models", "usage", "engine.stats", "files",
-                       "batches"})
+ENDPOINTS = frozenset({"chat.completions", "completions", "responses", "embeddings", "models", "usage",
+                       "engine.stats", "files", "batches"})
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # (stats key, metric name, help); counters are monotonic engine counters, gauges are read as they are
@@ -41,16 +41,20 @@ class EngineCollector(Collector):
         self.models = models
 
     def collect(self) -> Iterator:
+        """An embedding model has no KV cache: it reports only the counters it has (tokens, requests, passes)."""
         stats = {m.name: m.engine.stats() for m in self.models}
         for kind, metrics in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
             for key, name, help_ in metrics:
                 family = kind(name, help_, labels=["model"])
                 for model, s in stats.items():
-                    family.add_metric([model], s[key])
+                    if key in s:
+                        family.add_metric([model], s[key])
                 yield family
         ratio = GaugeMetricFamily("ember_prefix_cache_hit_ratio", "cached / (cached + computed) prompt tokens",
                                   labels=["model"])
         for model, s in stats.items():
+            if "cached_tokens" not in s:
+                continue
             total = s["cached_tokens"] + s["prompt_tokens"]
             ratio.add_metric([model], s["cached_tokens"] / total if total else 0.0)
         yield ratio
@@ -79,7 +83,7 @@ class Metrics:
                                    registry=self.registry)
         self.batch_in_flight = Gauge("ember_batch_requests_in_flight", "batch job lines being generated now",
                                      registry=self.registry)
-        for m in models:
+        for m in models.generators():
             m.engine.engine.on_step = self._step_observer(m.name)
 
     def observe_request(self, endpoint: str, model: str, status: int, ttft: float | None, latency: float,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ember.serving.embedder import EmbeddingModel
 from ember.serving.models import FIREWORKS_PREFIX, ServedModel
 
 router = APIRouter()
 
 
-def _card(m: ServedModel) -> dict:
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "ember",
-            "context_length": m.max_model_len, "aliases": [FIREWORKS_PREFIX + m.name]}
+def _card(m: ServedModel | EmbeddingModel) -> dict:
+    card = {"id": m.name, "object": "model", "created": m.created, "owned_by": "ember",
+            "context_length": m.max_model_len, "aliases": [FIREWORKS_PREFIX + m.name],
+            "capabilities": list(m.capabilities)}
+    return {**card, "dimensions": m.dimensions} if isinstance(m, EmbeddingModel) else card
 
 
 @router.get("/models")
@@ -21,4 +24,4 @@ async def list_models(request: Request) -> dict:
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    return _card(request.app.state.registry.get(model_id))
+    return _card(request.app.state.registry.find(model_id))

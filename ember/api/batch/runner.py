@@ -181,7 +181,7 @@ class JobRunner:
     def _allowed(self, model_name: str) -> int:
         """Lines the job may have in flight now: its concurrency, one less per live request (those the model
         has admitted that are not this job's), and at least one so that a busy server still makes progress."""
-        model = self.registry.get(model_name)
+        model = self.registry.find(model_name)
         live = max(0, model.admission.active - self.in_flight)
         return max(1, min(self.concurrency, model.max_num_seqs) - live)
 
