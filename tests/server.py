@@ -28,6 +28,7 @@ class Server:
     url: str
     model: str
     startup_s: float
+    pid: int  # the `ember serve` process (a test may kill -9 it)
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kw)
@@ -96,7 +97,7 @@ def launch(*args: str, model: str = MODEL, env: dict | None = None, log: Path | 
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"ember serve not healthy after {timeout} s:\n{log.read_text()}")
             time.sleep(0.1)
-        yield Server(url, model, time.monotonic() - started)
+        yield Server(url, model, time.monotonic() - started, proc.pid)
     finally:
         proc.terminate()
         try:

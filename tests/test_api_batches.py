@@ -11,11 +11,8 @@ import re
 import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,7 +20,7 @@ import openai
 import pytest
 
 from ember.store import Store, StoreConfig
-from tests.server import MODEL, Server, _free_port, launch
+from tests.server import MODEL, Server, launch
 from tests.test_store import postgres  # noqa: F401  (the module's PostgreSQL server, a fixture)
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
@@ -451,50 +448,19 @@ def test_usage_rows_name_the_batch_and_metrics_count_its_lines(srv, data_dir):
 
 # restarts and other stores
 
-@contextmanager
-def _serve(data: Path, log: Path) -> Iterator[tuple[Server, subprocess.Popen]]:
-    """tests.server.launch, keeping the process so that a test can kill -9 it."""
-    port, started = _free_port(), time.monotonic()
-    with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "EMBER_DATA_DIR": str(data)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            assert proc.poll() is None, f"ember serve exited with {proc.returncode}:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() - started < 120, f"ember serve not healthy:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield Server(url, MODEL, time.monotonic() - started), proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def test_kill_9_mid_job_then_restart_completes_each_line_once(tmp_path):
-    data, log = tmp_path / "data", tmp_path / "serve.log"
+    data = tmp_path / "data"
     bodies = [chat(f"Write about {i}.", max_tokens=4, ignore_eos=True) for i in range(300)]
-    with _serve(data, log) as (s, proc):
+    with launch(env={"EMBER_DATA_DIR": str(data)}, log=tmp_path / "first.log") as s:
         client = s.client()
         batch = submit(client, jsonl(bodies))
         deadline = time.monotonic() + 60
         while (batch := client.batches.retrieve(batch.id)).request_counts.completed < 30:
             assert batch.status not in ENDED and time.monotonic() < deadline, batch
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(s.pid, signal.SIGKILL)
     assert batch.request_counts.completed < 300
-    with _serve(data, log) as (s, _):
+    with launch(env={"EMBER_DATA_DIR": str(data)}, log=tmp_path / "restarted.log") as s:
         client = s.client()
         batch = wait(client, batch.id)
         assert batch.status == "completed", batch

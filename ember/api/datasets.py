@@ -105,6 +105,11 @@ def _awaiting_data(row: dict[str, Any], dataset_id: str) -> None:
                            "dataset_id", 400, "FAILED_PRECONDITION")
 
 
+def _size(path: Path) -> int | None:
+    """The file's bytes, or None when it is not there."""
+    return path.stat().st_size if path.exists() else None
+
+
 def _count_examples(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for line in f if line.strip())
@@ -169,8 +174,7 @@ async def validate_upload(account: str, dataset_id: str, request: Request) -> di
     _awaiting_data(row, dataset_id)
     expected: dict[str, int] = row["meta"].get(EXPECTED) or {}
     folder = dataset_folder(account, dataset_id)
-    missing = [n for n, size in expected.items() if not store.blobs.path(f"{folder}/{n}").exists()
-               or store.blobs.path(f"{folder}/{n}").stat().st_size != size]
+    missing = [n for n, size in expected.items() if _size(store.blobs.path(f"{folder}/{n}")) != size]
     if not expected or missing:
         raise RequestError(f"not uploaded yet: {', '.join(missing) or 'no files were registered'}", "dataset_id",
                            400, "FAILED_PRECONDITION")

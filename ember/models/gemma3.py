@@ -24,7 +24,7 @@ from ember.kernels import cpu as cpu_kernels
 from ember.models.attention import AttentionMetadata, paged_attention, store_kv
 from ember.models.config import ModelConfig
 from ember.models.linear import Embedding, Linear, Weight, make_linear, weight_bytes
-from ember.models.llama import rope_inv_freq
+from ember.models.llama import apply_rope, rope_inv_freq
 
 
 @dataclass
@@ -42,13 +42,6 @@ class _Layer:
     window: int | None  # a sliding-window layer's window; None: the whole context
     cos: torch.Tensor  # the rotary tables of the layer's kind, [positions, head_dim / 2]
     sin: torch.Tensor
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding; x: [tokens, heads, head_dim], cos / sin: [tokens, 1, head_dim / 2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Gemma3Model:
@@ -126,8 +119,8 @@ class Gemma3Model:
         else:
             cos = layer.cos.index_select(0, positions).unsqueeze(1)
             sin = layer.sin.index_select(0, positions).unsqueeze(1)
-            q = _rope(q, cos, sin)
-            store_kv(_rope(k, cos, sin), qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, d), k_cache, v_cache,
+            q = apply_rope(q, cos, sin)
+            store_kv(apply_rope(k, cos, sin), qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, d), k_cache, v_cache,
                      meta)
         return paged_attention(q, k_cache, v_cache, meta, self.scale, layer.window).reshape(n, q_size)
 

@@ -53,6 +53,14 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding in Hugging Face layout; x: [tokens, heads, head_dim], cos / sin:
+    [tokens, 1, head_dim / 2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 class LlamaModel:
     """Weights plus the forward pass; the KV cache is owned by the engine and passed in."""
 
@@ -108,12 +116,6 @@ class LlamaModel:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * xf.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half rotary embedding in Hugging Face layout; x: [tokens, heads, head_dim]."""
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
     def _rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
         """Rotary embedding of q and k, k and v written to the cache; returns q [tokens, heads, head_dim]."""
@@ -125,8 +127,8 @@ class LlamaModel:
             return qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim)
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
-        q = self._rope(qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q = apply_rope(qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(qkv[:, q_size:q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         store_kv(k, qkv[:, q_size + kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim), k_cache, v_cache, meta)
         return q
 

@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ember.engine.config import EngineConfig
+from ember.engine.loop_thread import LoopThread
 from ember.models.bert import BertEncoder, load_bert
 from ember.serving.admission import Admission
 from ember.serving.errors import RequestError
@@ -67,38 +68,22 @@ def _resolve(results: list[tuple[_Input, np.ndarray | BaseException]]) -> None:
             item.future.set_result(value)
 
 
-class EmbeddingEngine:
-    """The encoder's loop, off the event loop: in a thread of its own (`start()`) or one the caller gives
-    (`reserve_current_thread()` then `run()`), as AsyncEngine does, so `ember serve` runs either kind alike."""
+class EmbeddingEngine(LoopThread):
+    """The encoder's loop, off the event loop where ember.engine.loop_thread places it, as AsyncEngine's is, so
+    `ember serve` runs either kind alike."""
+
+    thread_name = "ember-embedder"
 
     def __init__(self, encoder: BertEncoder, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+        super().__init__()
         self.encoder = encoder
         self.max_model_len = encoder.config.max_position_embeddings
         self.max_batch_tokens = max(max_batch_tokens, self.max_model_len)  # the longest input fits one pass
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._pending: list[_Input] = []
         self._running = 0
-        self._thread: threading.Thread | None = None
-        self._own_thread = False
-        self._stopping = False
         # requests, inputs and their tokens; steps = forward passes, padded_tokens = what those passes computed
         self.counters = {"requests": 0, "inputs": 0, "prompt_tokens": 0, "steps": 0, "padded_tokens": 0}
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self.run, name="ember-embedder", daemon=True)
-            self._own_thread = True
-            self._thread.start()
-
-    def reserve_current_thread(self) -> None:
-        self._thread = threading.current_thread()
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._own_thread and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "num_running": self._running, "num_waiting": len(self._pending)}

@@ -50,9 +50,10 @@ def write_outputs(store: Store, job: dict[str, Any]) -> dict[str, Any]:
     """The output file (the lines that succeeded, in input order) and, when some failed, the error file; their
     ids were chosen when the job was created, so writing them again after a crash changes nothing."""
     spec, found = job["spec"], {}
+    rows = list(store.batches.results(job["id"]))
     for kind, ok in (("output", True), ("error", False)):
         file_id = spec[f"pending_{kind}_file_id"]
-        lines = [_line(job["id"], r) for r in store.batches.results(job["id"]) if r["ok"] == ok]
+        lines = [_line(job["id"], r) for r in rows if r["ok"] == ok]
         if not lines and not ok:
             continue
         relative = f"files/{file_id}"
