@@ -13,6 +13,8 @@ from ember.cli import add_config_flags, config_from_args, serve_parser
 from ember.engine.config import EngineConfig
 from tests.server import MODEL
 
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
 
 def test_health(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -20,18 +22,22 @@ def test_health(server):
 
 @pytest.mark.parametrize("prefix", ["/v1", "/inference/v1"])
 def test_models_list_and_get(server, prefix):
+    """`ember serve` without --model serves the bundled chat model and the bundled embedding model."""
     listed = httpx.get(f"{server.url}{prefix}/models").json()
-    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL]
-    card = listed["data"][0]
-    assert card["object"] == "model" and card["context_length"] > 0
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL, EMBEDDING_MODEL]
+    chat, encoder = listed["data"]
+    assert chat["object"] == "model" and chat["context_length"] == 8192
+    assert chat["capabilities"] == ["chat", "completions", "embeddings"]
+    assert encoder["capabilities"] == ["embeddings"] and encoder["context_length"] == 512
+    assert encoder["dimensions"] == 384
     for name in (MODEL, f"accounts/fireworks/models/{MODEL}"):
         assert httpx.get(f"{server.url}{prefix}/models/{name}").json()["id"] == MODEL
     assert httpx.get(f"{server.url}{prefix}/models/nope").status_code == 404
 
 
 def test_sdk_lists_models(server, tiny_server):
-    assert [m.id for m in server.client().models.list().data] == [MODEL]
-    assert [m.id for m in tiny_server.client().models.list().data] == [tiny_server.model]
+    assert [m.id for m in server.client().models.list().data] == [MODEL, EMBEDDING_MODEL]
+    assert [m.id for m in tiny_server.client().models.list().data] == [tiny_server.model, EMBEDDING_MODEL]
 
 
 def test_engine_stats(server):

@@ -18,6 +18,7 @@ from ember.api import (
     chat,
     completions,
     datasets,
+    deployments,
     embeddings,
     files,
     health,
@@ -30,7 +31,7 @@ from ember.api.batch.runner import JobRunner
 from ember.api.config import ServerConfig
 from ember.api.errors import install_error_handlers
 from ember.api.guard import Guard, GuardConfig
-from ember.serving.models import ModelRegistry
+from ember.serving.models import ModelRegistry, close_model
 from ember.store import Store
 
 API_PREFIXES = ("/v1", "/inference/v1")
@@ -77,6 +78,10 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for m in registry:
             m.engine.start()
+        reaper = None
+        if control is not None:
+            await asyncio.to_thread(control.restore)  # the deployments of the last server come back
+            reaper = asyncio.create_task(deployments.reap_idle(control))
         if runner is not None:
             runner.start()  # jobs left unfinished by the last server resume here
         try:
@@ -84,8 +89,11 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
         finally:
             if runner is not None:
                 await runner.close()
+            if reaper is not None:
+                reaper.cancel()
+                control.replicas.close()
             for m in registry:
-                m.engine.shutdown()
+                close_model(m)
             if store is not None:
                 store.close()  # what is buffered is written first
 
@@ -96,6 +104,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     app.state.metrics = metrics.Metrics(registry) if config.metrics else None
     app.state.store = store
     app.state.signing_key = secrets.token_bytes(32)  # signs download URLs (ember.api.datasets); dies with the server
+    control = deployments.install(app, registry, store)
     runner = JobRunner(app, store, registry, config.batch_concurrency, config.batch_max_lines) if store else None
     app.state.batch_runner = runner
     app.state.datasets_uploading = set()  # (account, dataset id) of the uploads under way: one per dataset at once
@@ -104,7 +113,7 @@ def create_app(registry: ModelRegistry, config: ServerConfig | None = None, stor
     for prefix in API_PREFIXES:
         for router in (chat.router, completions.router, responses.router, embeddings.router, models.router,
                        health.stats_router, usage.router, files.router, batches.router, datasets.router,
-                       batch_jobs.router):
+                       batch_jobs.router, deployments.router):
             app.include_router(router, prefix=prefix, responses=ERROR_RESPONSES)
     app.include_router(health.health_router)
     app.include_router(datasets.downloads_router)

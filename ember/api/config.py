@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    config: str | None = None  # TOML file of the models to serve: [models.<name>] tables (see README)
     served_model_name: str | None = None  # default: smollm2-135m-instruct, or the model file's stem
     generation_config: str | None = None  # JSON file of sampling defaults (overrides the model's own)
     log_level: str = "warning"

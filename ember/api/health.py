@@ -17,4 +17,4 @@ async def health() -> dict:
 @stats_router.get("/engine/stats")
 async def engine_stats(request: Request) -> dict:
     """{served model name: engine.stats()}."""
-    return {m.name: m.engine.stats() for m in request.app.state.registry}
+    return {m.name: m.engine.stats() for m in request.app.state.registry.all()}

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ember.engine.engine import StepPhases
-from ember.serving.models import ModelRegistry
+from ember.serving.models import Model, ModelRegistry, ServedModel
 
 router = APIRouter()
 
@@ -42,7 +42,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         """An embedding model has no KV cache: it reports only the counters it has (tokens, requests, passes)."""
-        stats = {m.name: m.engine.stats() for m in self.models}
+        stats = {m.name: m.engine.stats() for m in self.models.all()}
         for kind, metrics in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
             for key, name, help_ in metrics:
                 family = kind(name, help_, labels=["model"])
@@ -85,6 +85,13 @@ class Metrics:
                                      registry=self.registry)
         for m in models.generators():
             m.engine.engine.on_step = self._step_observer(m.name)
+        models.on_load.append(self.add_model)
+
+    def add_model(self, model: Model) -> None:
+        """A model loaded after start-up (a deployment's replica): its requests and steps get its label."""
+        self.models.add(model.name)
+        if isinstance(model, ServedModel):
+            model.engine.engine.on_step = self._step_observer(model.name)
 
     def observe_request(self, endpoint: str, model: str, status: int, ttft: float | None, latency: float,
                         queue: float | None, gaps: list[float]) -> None:

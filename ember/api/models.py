@@ -19,7 +19,7 @@ def _card(m: ServedModel | EmbeddingModel) -> dict:
 
 @router.get("/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_card(m) for m in request.app.state.registry]}
+    return {"object": "list", "data": [_card(m) for m in request.app.state.registry.all()]}
 
 
 @router.get("/models/{model_id:path}")

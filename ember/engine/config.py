@@ -25,3 +25,5 @@ class EngineConfig:
     # "prompt-lookup": drafts from each request's own context where they pay (ember.engine.spec); "off": none
     # (a request's prediction still drafts)
     speculation: str = "prompt-lookup"
+    max_draft_tokens: int = 16  # drafts per sequence and step, at most (Fireworks' draftTokenCount)
+    ngram_max: int = 4  # the longest context suffix prompt lookup matches (Fireworks' ngramSpeculationLength)

@@ -23,7 +23,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.sampler import prompt_logprobs, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
-from ember.engine.spec.policy import DraftState, new_draft_state
+from ember.engine.spec.policy import MAX_DRAFTS, DraftState, new_draft_state
 from ember.engine.spec.verify import Run, verify
 from ember.engine.step import StepItem
 from ember.kernels import cpu as cpu_kernels
@@ -107,12 +107,16 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         if config.speculation not in SPECULATION_MODES:
             raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, not {config.speculation!r}")
+        if not (1 <= config.max_draft_tokens <= MAX_DRAFTS and config.ngram_max >= 1):
+            raise ValueError(f"max_draft_tokens must be 1..{MAX_DRAFTS} and ngram_max at least 1")
         placement = resolve_device(config)
         device, dtype = placement.device, placement.dtype
         if placement.packed:
             # Ember's kernels do the heavy work on their own pool; torch's OpenMP threads would only spin
             # between its small ops and take the cores from that pool (measured: decode 1.3-1.6x slower)
-            cpu_kernels.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+            threads = config.threads or len(os.sched_getaffinity(0))
+            if cpu_kernels.num_threads() != threads:  # one pool for the process: every model's engine shares it
+                cpu_kernels.set_num_threads(threads)
             torch.set_num_threads(1)
         elif config.threads:
             torch.set_num_threads(config.threads)
@@ -176,7 +180,7 @@ class LLMEngine:
     def _drafting(self, params: SamplingParams) -> DraftState | None:
         lookup = self.config.speculation == "prompt-lookup" and params.speculate
         return new_draft_state(params.prediction[:params.max_tokens] if params.prediction else None, lookup,
-                               self.scheduler.draft_priors)
+                               self.scheduler.draft_priors, self.config.max_draft_tokens, self.config.ngram_max)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_token_ids, params)
@@ -416,6 +420,18 @@ class AsyncEngine(LoopThread):
                 for rid in list(self.engine.seqs):
                     self.engine.abort(rid)
             self._deliver(outputs)
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        """At shutdown (a model unloaded, the server stopping): what runs ends as aborted and what never reached
+        the engine fails, so no caller waits for a loop that is gone."""
+        with self._lock:
+            commands, self._commands = self._commands, []
+        aborted = [out for rid in list(self.engine.seqs) for out in self.engine.abort(rid)]
+        running = {out.request_id for out in aborted}
+        never_ran = [(c[1], RuntimeError("the model was unloaded")) for c in commands
+                     if c[0] == "add" and c[1] not in running]
+        self._deliver([*aborted, *never_ran])
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -108,6 +108,12 @@ def set_num_threads(n: int) -> int:
     return lib().ember_set_num_threads(n)
 
 
+def num_threads() -> int:
+    """The pool's threads, the caller's included. Engines share it: a kernel call that finds it busy (another
+    model's engine is in a kernel) runs on its caller's thread alone."""
+    return lib().ember_num_threads()
+
+
 def qmatmul(x: torch.Tensor, ggml_type: int, packed: torch.Tensor, k: int, bias: torch.Tensor | None = None,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [m, k] float32 (rows contiguous) @ W^T (+ bias) for W = `packed` uint8 [n, bytes per row];

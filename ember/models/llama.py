@@ -139,8 +139,11 @@ class LlamaModel:
         return F.silu(gate) * up
 
     def _describe(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> cpu_kernels.QModel:
-        """The C description of this model over these caches (built once per cache list)."""
-        if self._step_model is None or self._step_model[0] is not kv_caches:
+        """The C description of this model over these caches, kept for the last cache list (the engine's, step
+        after step). Returned from a local, never re-read from self: another thread (a decoder embedding pass,
+        ember.models.decoder_encoder) may describe its own caches meanwhile. It holds its layer array itself."""
+        step = self._step_model
+        if step is None or step[0] is not kv_caches:
             cfg = self.config
 
             def q(lin: Linear) -> cpu_kernels.QWeight:
@@ -157,8 +160,8 @@ class LlamaModel:
             model = cpu_kernels.QModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                        cfg.intermediate_size, kv_caches[0][1].shape[1], cfg.rms_norm_eps,
                                        self.cos.data_ptr(), self.sin.data_ptr(), layers)
-            self._step_model = (kv_caches, model, layers)
-        return self._step_model[1]
+            step = self._step_model = (kv_caches, model, layers)
+        return step[1]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor,

@@ -5,6 +5,9 @@ Every input of every request waiting when the worker wakes forms one window; the
 and cut into forward passes of at most MAX_BATCH_TOKENS padded tokens. Inputs arriving meanwhile wait for the
 next window. Results go back to each caller's asyncio future with one `call_soon_threadsafe` per event loop and
 pass. No KV cache: an input is done after one pass.
+
+The encoder is a BERT folder's (load_embedding_model) or a loaded chat model's, pooled as vLLM pools decoders
+(decoder_embedding_model, over ember.models.decoder_encoder): the same engine batches either.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from tokenizers import Tokenizer
 from ember.engine.config import EngineConfig
 from ember.engine.loop_thread import LoopThread
 from ember.models.bert import BertEncoder, load_bert
+from ember.models.decoder_encoder import DecoderEncoder
+from ember.models.gemma3 import Gemma3Model
+from ember.models.llama import LlamaModel
+from ember.models.tokenizer import Tokenizer as ChatTokenizer
 from ember.serving.admission import Admission
 from ember.serving.errors import RequestError
 
@@ -74,10 +81,12 @@ class EmbeddingEngine(LoopThread):
 
     thread_name = "ember-embedder"
 
-    def __init__(self, encoder: BertEncoder, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+    def __init__(self, encoder: BertEncoder | DecoderEncoder, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 max_model_len: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.max_model_len = encoder.config.max_position_embeddings
+        # a chat model's is its served context (the engine's), which may be shorter than its positions
+        self.max_model_len = max_model_len or encoder.config.max_position_embeddings
         self.max_batch_tokens = max(max_batch_tokens, self.max_model_len)  # the longest input fits one pass
         self._lock = threading.Lock()
         self._pending: list[_Input] = []
@@ -114,6 +123,10 @@ class EmbeddingEngine(LoopThread):
             for batch in _batches(window, self.max_batch_tokens):
                 self._deliver(batch, self._forward(batch))
                 self._running -= len(batch)
+        with self._lock:  # stopped (the model unloaded, the server stopping): no caller waits for a gone loop
+            left, self._pending = self._pending, []
+        if left:
+            self._deliver(left, RuntimeError("the model was unloaded"))
 
     def _forward(self, batch: list[_Input]) -> list[np.ndarray] | BaseException:
         try:
@@ -144,7 +157,7 @@ class EmbeddingModel:
 
     name: str
     engine: EmbeddingEngine
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | ChatTokenizer  # a BERT folder's tokenizer.json, or a chat model's
     max_num_seqs: int  # requests embedding at once; admission lets a bounded line wait beyond them
     created: int = field(default_factory=lambda: int(time.time()))
     admission: Admission = field(default_factory=Admission)
@@ -163,14 +176,20 @@ class EmbeddingModel:
         return self.engine.encoder.pooling.normalize
 
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """With the model's special tokens ([CLS] ... [SEP]), off the event loop (the tokenizer frees the GIL)."""
-        encodings = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
+        """With the model's special tokens ([CLS] ... [SEP]; a chat model's BOS where its completions get one, no
+        chat template), off the event loop (the tokenizer frees the GIL)."""
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, ChatTokenizer):
+            return await asyncio.to_thread(lambda: [tokenizer.encode(text) for text in texts])
+        encodings = await asyncio.to_thread(tokenizer.encode_batch, texts)
         return [e.ids for e in encodings]
 
     def check(self, inputs: list[list[int]]) -> None:
         """Every input fits the model's positions and vocabulary, else a 400 naming `input`."""
         vocab = self.engine.encoder.config.vocab_size
         for i, ids in enumerate(inputs):
+            if not ids:  # text a chat tokenizer turns into nothing (a BERT input has [CLS] and [SEP] at least)
+                raise RequestError(f"input {i} has no tokens", "input")
             if len(ids) > self.max_model_len:
                 raise RequestError(f"input {i} has {len(ids)} tokens; this model takes at most {self.max_model_len}",
                                    "input", code="context_length_exceeded")
@@ -192,3 +211,12 @@ def load_embedding_model(engine_config: EngineConfig, path: Path, name: str) -> 
     log.info("model loaded", extra={"model": name, "path": str(path), "kind": "embeddings",
                                     "seconds": round(time.perf_counter() - started, 2)})
     return model
+
+
+def decoder_embedding_model(name: str, model: LlamaModel | Gemma3Model, tokenizer: ChatTokenizer, max_model_len: int,
+                            pooling: str = "last", *, max_num_seqs: int = EngineConfig.max_num_seqs,
+                            max_batch_tokens: int = MAX_BATCH_TOKENS) -> EmbeddingModel:
+    """A served chat model's embeddings (its weights shared, none of its KV cache used), in an engine of their own
+    that the caller starts (`.engine.start()`) and shuts down with the chat model."""
+    encoder = DecoderEncoder(model, max_model_len, pooling)
+    return EmbeddingModel(name, EmbeddingEngine(encoder, max_batch_tokens, max_model_len), tokenizer, max_num_seqs)

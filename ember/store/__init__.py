@@ -1,5 +1,6 @@
 """Durable state on SQLAlchemy: SQLite in the data directory by default, any database by URL (PostgreSQL
-through psycopg). One module per table family (usage, responses, files and datasets, batch jobs); the
+through psycopg). One module per table family (usage, responses, files and datasets, batch jobs,
+deployments); the
 schema is migrated by Alembic when the store opens; writes from the request path go through a
 BufferedWriter so that the database never slows or fails an inference request. File contents (uploads,
 datasets, batch outputs) live in the data directory whatever the database (ember.store.blobs)."""
@@ -15,6 +16,7 @@ from ember.store.batches import BatchStore
 from ember.store.blobs import Blobs
 from ember.store.config import StoreConfig
 from ember.store.db import connect, migrate
+from ember.store.deployments import DeploymentStore
 from ember.store.files import FileStore
 from ember.store.usage import UsageRecord, aggregate, usage_records
 from ember.store.writer import BufferedWriter
@@ -29,6 +31,7 @@ class Store:
         self.blobs = Blobs(config.folder())
         self.files = FileStore(self.engine, self.blobs)
         self.batches = BatchStore(self.engine)
+        self.deployments = DeploymentStore(self.engine)
 
     def record_usage(self, record: UsageRecord) -> bool:
         return self.usage.put(record.row())

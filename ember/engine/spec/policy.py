@@ -191,6 +191,8 @@ class DraftState:
     stats: SpecStats = field(default_factory=SpecStats)
     source: _Source | None = None  # where the drafts under verification came from
     shadows: list[_Shadow] = field(default_factory=list)
+    max_drafts: int = MAX_DRAFTS  # per step (Fireworks' draftTokenCount)
+    ngram: int = 4  # the longest context suffix prompt lookup matches (Fireworks' ngramSpeculationLength)
 
     def drafts(self, context: list[int], num_prompt: int, limit: int, bar: float) -> list[int]:
         """Drafts worth verifying now (at most `limit`), or none."""
@@ -201,8 +203,9 @@ class DraftState:
                 continue
             if any(shadow.source is source for shadow in self.shadows):
                 continue  # its last proposal is still being checked
-            found = self.cursor.propose(context[num_prompt:], min(limit, MAX_DRAFTS)) if source is self.prediction \
-                else lookup(np.asarray(context, dtype=np.int64), min(limit, MAX_DRAFTS))
+            k = min(limit, self.max_drafts)
+            found = self.cursor.propose(context[num_prompt:], k) if source is self.prediction \
+                else lookup(np.asarray(context, dtype=np.int64), k, min(2, self.ngram), self.ngram)
             if not found:
                 continue
             self.shadows.append(_Shadow(source, found[:_SHADOW_TOKENS]))
@@ -250,11 +253,13 @@ class DraftState:
             self.shadows = [shadow for shadow in self.shadows if shadow.follows(token)]
 
 
-def new_draft_state(prediction: list[int] | None, lookup_allowed: bool, priors: DraftPriors) -> DraftState | None:
+def new_draft_state(prediction: list[int] | None, lookup_allowed: bool, priors: DraftPriors,
+                    max_drafts: int = MAX_DRAFTS, ngram: int = 4) -> DraftState | None:
     if not prediction and not lookup_allowed:
         return None
     state = DraftState(cursor=PredictionCursor(prediction) if prediction else None,
                        lookup=_Source("lookup", priors) if lookup_allowed else None,
-                       prediction=_Source("prediction", priors) if prediction else None)
+                       prediction=_Source("prediction", priors) if prediction else None,
+                       max_drafts=max_drafts, ngram=ngram)
     state.stats.prediction_tokens = len(prediction or [])
     return state
