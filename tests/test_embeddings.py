@@ -129,12 +129,34 @@ def test_token_ids_equal_text_and_fireworks_route(srv, folder):
     ({"input": "x", "dimensions": 0}, "dimensions"),
     ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
     ({"input": "x", "colour": "blue"}, "colour"),
-    ({"input": "x", "prompt_template": "Embed: {text}"}, "prompt_template"),
+    ({"input": "x", "return_logits": [0, 1]}, "return_logits"),
+    ({"input": {"title": "x"}}, "input"),  # an object needs a template
+    ({"input": [[101, 102]], "prompt_template": "{text}"}, "prompt_template"),  # token ids fill no template
+    ({"input": {"title": "x"}, "prompt_template": "Title: {name}"}, "prompt_template"),  # no such field
+    ({"input": "x", "prompt_template": "{% if %}"}, "prompt_template"),  # does not compile
+    ({"input": "x", "prompt_template": "{% if false %}{text}{% endif %}"}, "prompt_template"),  # renders empty
 ])
 def test_bad_inputs_name_the_field(srv, body, param):
     r = embed(srv, **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_prompt_template_fills_strings_and_objects(srv, reference):
+    """Fireworks' prompt_template: a string is `{text}`, an object's fields are theirs (simple `{field}` or full
+    Jinja2); the vectors are those of the rendered text; truncate_tokens cuts by the model's tokens."""
+    text = SENTENCES[1]
+    for body in ({"input": text, "prompt_template": "{text}"},
+                 {"input": [{"a": "The quick brown fox", "b": "jumps over the lazy dog."}],
+                  "prompt_template": "{a} {{ b }}"}):
+        r = embed(srv, **body)
+        assert r.status_code == 200, r.text
+        assert cosine(np.array(r.json()["data"][0]["embedding"]), reference[text]) >= 0.99999
+    long = "word " * 2000
+    r = embed(srv, input=[{"body": long}], prompt_template="{{ truncate_tokens(body) }}")
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 512, r.text  # the model's 512 positions
+    r = embed(srv, input=long, prompt_template="{{ truncate_tokens(text, 10) }}")
+    assert r.json()["usage"]["prompt_tokens"] == 12  # [CLS] + 10 + [SEP]
 
 
 def test_embedding_model_does_not_chat_and_lists_its_capabilities(srv):

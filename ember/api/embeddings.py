@@ -1,11 +1,13 @@
 """POST /v1/embeddings as OpenAI and Fireworks define it: strings or token ids in, one vector per input out (float
-or base64 of little-endian float32, as OpenAI's SDK decodes it), Matryoshka `dimensions`, Fireworks' `normalize`.
+or base64 of little-endian float32, as OpenAI's SDK decodes it), Matryoshka `dimensions`, Fireworks' `normalize`
+and `prompt_template` (strings or objects fill it first).
 Inputs of concurrent requests share forward passes in the model's engine (ember.serving.embedder)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -15,26 +17,28 @@ from ember.api.protocol import NOT_YET_SUPPORTED, TokenIds, _Strict
 from ember.api.records import record
 from ember.serving.embedder import EmbeddingModel
 from ember.serving.errors import FieldError, RequestError
+from ember.serving.prompt_template import render_prompts
 from ember.serving.sampling import TIER_PRIORITY
 
 router = APIRouter()
 
 MAX_INPUTS = 2048  # items of one request (OpenAI's and Fireworks' limit)
-# Fireworks' `prompt_template` fills a template from structured inputs, which its documentation leaves unspecified
-# beyond one example; `return_logits` answers classifier logits, which an embedding model has none of
-EMBEDDING_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "prompt_template": (), "return_logits": ()}
+# Fireworks' `return_logits` answers a classifier head's logits, which these models have none of
+EMBEDDING_NOT_YET_SUPPORTED: dict[str, tuple] = {**NOT_YET_SUPPORTED, "return_logits": ()}
+Structured = dict[str, Any]  # an input object whose fields fill `prompt_template`
 
 
 class EmbeddingRequest(_Strict):
     not_yet: ClassVar[dict[str, tuple]] = EMBEDDING_NOT_YET_SUPPORTED
 
     model: str
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: str | list[str] | TokenIds | list[TokenIds] | Structured | list[Structured]
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
     normalize: bool | None = None  # Fireworks: unit length whatever the model gives (a model's own stays)
     prompt_cache_isolation_key: str | None = None  # Fireworks': no effect, embeddings keep no cache
+    prompt_template: Annotated[str, Field(min_length=1, max_length=65536)] | None = None  # serving.prompt_template
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None  # batch lines: flex
 
     @model_validator(mode="after")
@@ -46,14 +50,18 @@ class EmbeddingRequest(_Strict):
             raise FieldError("input", f"`input` has {len(items)} items; at most {MAX_INPUTS}")
         if any(item == "" for item in items):
             raise FieldError("input", "`input` must not contain an empty string")
+        if self.prompt_template is None and any(isinstance(item, dict) for item in items):
+            raise FieldError("input", "input objects fill a `prompt_template`: send one, or send strings")
+        if self.prompt_template is not None and self.texts is None:
+            raise FieldError("prompt_template", "`prompt_template` fills text from strings or objects, not token ids")
         return self
 
     @property
-    def texts(self) -> list[str] | None:
-        """The inputs as strings, or None when they are token ids."""
-        if isinstance(self.input, str):
+    def texts(self) -> list[str | Structured] | None:
+        """The inputs as strings (or objects, for the template), or None when they are token ids."""
+        if isinstance(self.input, str | dict):
             return [self.input]
-        return self.input if isinstance(self.input[0], str) else None
+        return self.input if isinstance(self.input[0], str | dict) else None
 
     @property
     def token_ids(self) -> list[list[int]]:
@@ -78,6 +86,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
     ticket = model.admission.admit(model.max_num_seqs + request.app.state.config.max_waiting_requests)
     try:
         texts = body.texts
+        if texts is not None and body.prompt_template is not None:
+            texts = await asyncio.to_thread(render_prompts, body.prompt_template, texts, model.truncate)
         inputs = await model.tokenize(texts) if texts is not None else body.token_ids
         model.check(inputs)
         pooled = await model.engine.embed(inputs, TIER_PRIORITY.get(body.service_tier or "", 0))

@@ -321,7 +321,7 @@ class LLMEngine:
         return {**vars(self.counters), "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting), "kv_blocks_used": bm.num_used_blocks,
                 "kv_blocks_cached": len(bm.cached), "kv_blocks_total": bm.num_blocks,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions, "max_num_seqs": self.config.max_num_seqs}
 
 
 class AsyncEngine(LoopThread):

@@ -184,6 +184,22 @@ class EmbeddingModel:
         encodings = await asyncio.to_thread(tokenizer.encode_batch, texts)
         return [e.ids for e in encodings]
 
+    def truncate(self, text: str, max_tokens: int | None = None) -> str:
+        """The text's first `max_tokens` tokens (default: as many as fit the model beside its special tokens): what
+        a prompt_template's `truncate_tokens` gives."""
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, ChatTokenizer):
+            ids, reserved = tokenizer.encode(text, add_special_tokens=False), len(tokenizer.encode(""))
+        else:
+            encoding, reserved = tokenizer.encode(text, add_special_tokens=False), len(tokenizer.encode("").ids)
+            ids = encoding.ids
+        keep = max(0, self.max_model_len - reserved if max_tokens is None else max_tokens)
+        if len(ids) <= keep:
+            return text
+        if isinstance(tokenizer, ChatTokenizer):
+            return tokenizer.decode(ids[:keep])
+        return text[:encoding.offsets[keep - 1][1]] if keep else ""
+
     def check(self, inputs: list[list[int]]) -> None:
         """Every input fits the model's positions and vocabulary, else a 400 naming `input`."""
         vocab = self.engine.encoder.config.vocab_size
