@@ -117,9 +117,9 @@ class LLMEngine:
             threads = config.threads or len(os.sched_getaffinity(0))
             if cpu_kernels.num_threads() != threads:  # one pool for the process: every model's engine shares it
                 cpu_kernels.set_num_threads(threads)
-            torch.set_num_threads(1)
-        elif config.threads:
-            torch.set_num_threads(config.threads)
+        # torch's threads for the thread that steps this engine (AsyncEngine's loop sets them in its own thread)
+        self.torch_threads = 1 if placement.packed else config.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(self.torch_threads)
         self.device = device
         model_class = MODEL_CLASSES.get(weights.config.architecture, LlamaModel)
         self.model = model_class(weights.config, weights.tensors, device, dtype)
@@ -335,16 +335,12 @@ class AsyncEngine(LoopThread):
     thread_name = "ember-engine"
 
     def __init__(self, engine: LLMEngine) -> None:
-        super().__init__()
+        super().__init__(engine.torch_threads)
         self.engine = engine
         self.max_model_len = engine.max_model_len
         self._lock = threading.Lock()
         self._commands: list[tuple] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-
-    def run(self) -> None:
-        """The engine loop, in the calling thread, until shutdown()."""
-        self._run()
 
     def _submit(self, command: tuple) -> None:
         with self._lock:
@@ -401,7 +397,7 @@ class AsyncEngine(LoopThread):
             return [(request_id, exc)]
         return []
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while not self._stopping:
             with self._lock:
                 commands, self._commands = self._commands, []

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 
 class LoopThread:
-    """Subclasses write run(): their loop, until `_stopping`, sleeping on `_wake` when idle."""
+    """Subclasses write _loop(): their loop, until `_stopping`, sleeping on `_wake` when idle.
+
+    torch's thread count is the calling thread's once that thread has run an op (a new thread starts from the
+    last count set anywhere): each loop sets its own, so that one model's setting (a packed model's 1) is not
+    another's (an encoder's torch work wants the cores)."""
 
     thread_name = "ember-loop"
 
-    def __init__(self) -> None:
+    def __init__(self, torch_threads: int | None = None) -> None:
+        self.torch_threads = torch_threads
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None  # the loop's thread, once chosen
         self._own_thread = False
@@ -31,6 +38,12 @@ class LoopThread:
         self._thread = threading.current_thread()
 
     def run(self) -> None:
+        """The loop, in the calling thread, until shutdown()."""
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        self._loop()
+
+    def _loop(self) -> None:
         raise NotImplementedError
 
     def shutdown(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from ember.engine.config import EngineConfig
@@ -82,8 +82,8 @@ class EmbeddingEngine(LoopThread):
     thread_name = "ember-embedder"
 
     def __init__(self, encoder: BertEncoder | DecoderEncoder, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 max_model_len: int | None = None) -> None:
-        super().__init__()
+                 max_model_len: int | None = None, torch_threads: int | None = None) -> None:
+        super().__init__(torch_threads)
         self.encoder = encoder
         # a chat model's is its served context (the engine's), which may be shorter than its positions
         self.max_model_len = max_model_len or encoder.config.max_position_embeddings
@@ -109,7 +109,7 @@ class EmbeddingEngine(LoopThread):
         self._wake.set()
         return list(await asyncio.gather(*(item.future for item in items)))
 
-    def run(self) -> None:
+    def _loop(self) -> None:
         while not self._stopping:
             with self._lock:
                 window, self._pending = self._pending, []
@@ -217,13 +217,12 @@ def load_embedding_model(engine_config: EngineConfig, path: Path, name: str) -> 
     """A BERT folder with its tokenizer.json, on the CPU in float32 whatever the device setting."""
     if engine_config.device not in ("auto", "cpu"):
         raise ValueError(f"embedding models run on the CPU; --device {engine_config.device} is not supported")
-    if engine_config.threads:
-        torch.set_num_threads(engine_config.threads)
     started = time.perf_counter()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tokenizer.no_truncation()  # an input too long is refused, never silently cut
     tokenizer.no_padding()  # the engine pads each batch to its own longest input
-    model = EmbeddingModel(name, EmbeddingEngine(load_bert(path)), tokenizer, engine_config.max_num_seqs)
+    engine = EmbeddingEngine(load_bert(path), torch_threads=engine_config.threads or len(os.sched_getaffinity(0)))
+    model = EmbeddingModel(name, engine, tokenizer, engine_config.max_num_seqs)
     log.info("model loaded", extra={"model": name, "path": str(path), "kind": "embeddings",
                                     "seconds": round(time.perf_counter() - started, 2)})
     return model
@@ -231,8 +230,10 @@ def load_embedding_model(engine_config: EngineConfig, path: Path, name: str) -> 
 
 def decoder_embedding_model(name: str, model: LlamaModel | Gemma3Model, tokenizer: ChatTokenizer, max_model_len: int,
                             pooling: str = "last", *, max_num_seqs: int = EngineConfig.max_num_seqs,
-                            max_batch_tokens: int = MAX_BATCH_TOKENS) -> EmbeddingModel:
+                            max_batch_tokens: int = MAX_BATCH_TOKENS, torch_threads: int | None = None
+                            ) -> EmbeddingModel:
     """A served chat model's embeddings (its weights shared, none of its KV cache used), in an engine of their own
     that the caller starts (`.engine.start()`) and shuts down with the chat model."""
     encoder = DecoderEncoder(model, max_model_len, pooling)
-    return EmbeddingModel(name, EmbeddingEngine(encoder, max_batch_tokens, max_model_len), tokenizer, max_num_seqs)
+    engine = EmbeddingEngine(encoder, max_batch_tokens, max_model_len, torch_threads)
+    return EmbeddingModel(name, engine, tokenizer, max_num_seqs)

@@ -83,7 +83,8 @@ class ServedModel:
             config = self.engine.engine.config
             self._embedder = decoder_embedding_model(self.name, self.engine.engine.model, self.tokenizer,
                                                      self.max_model_len, max_num_seqs=config.max_num_seqs,
-                                                     max_batch_tokens=config.max_num_batched_tokens)
+                                                     max_batch_tokens=config.max_num_batched_tokens,
+                                                     torch_threads=self.engine.torch_threads)
             self._embedder.engine.start()
         return self._embedder
 
