@@ -189,6 +189,8 @@ class DeploymentControl:
             if row["state"] == "DELETING":
                 self.store.deployments.update(row["account"], row["id"], state="DELETED", deleted_at=time.time())
                 continue
+            if _settled(row["state"], row["replica_count"]) != row["state"] and not row["replica_count"]:
+                row = self.store.deployments.update(row["account"], row["id"], state="READY")  # a load cut short
             try:
                 self.apply(row)
             except RequestError as exc:  # its base model is no longer served
@@ -222,6 +224,14 @@ async def _row(request: Request, account: str, deployment_id: str, deleted_ok: b
     if row is None or (row["deleted_at"] is not None and not deleted_ok):
         raise not_found("deployment", f"accounts/{account}/deployments/{deployment_id}")
     return row
+
+
+def _settled(state: str, replicas: int) -> str:
+    """The state of a deployment that now wants `replicas`: a FAILED one tries again; at zero, a load under way is
+    dropped and nothing will report it ready, so a CREATING or UPDATING one is READY (at zero replicas) at once."""
+    if replicas and state == "FAILED":
+        return "CREATING"
+    return "READY" if not replicas and state in ("CREATING", "UPDATING") else state
 
 
 def _spec(body: DeploymentBody, disable_speculation: bool | None) -> dict[str, Any]:
@@ -294,7 +304,7 @@ async def scale_deployment(account: str, deployment_id: str, body: ScaleBody, re
         raise RequestError(f"replicaCount {body.replicaCount} is more than this deployment can have: at most {limit} "
                            f"(maxReplicaCount {row['spec']['maxReplicaCount']}; one machine holds {MAX_REPLICAS} "
                            "replica per deployment)", "replicaCount", code="unsupported_parameter")
-    state = "CREATING" if body.replicaCount and row["state"] == "FAILED" else row["state"]
+    state = _settled(row["state"], body.replicaCount)
     row = await asyncio.to_thread(store.deployments.update, row["account"], row["id"], replica_count=body.replicaCount,
                                   state=state, updated_at=time.time())
     control.apply(row)
@@ -313,7 +323,7 @@ async def update_deployment(account: str, deployment_id: str, body: DeploymentBo
     model_spec(control.registry, _name(row), spec)
     replicas = min(max(row["replica_count"], spec.get("minReplicaCount", 0)), spec["maxReplicaCount"])
     reload = bool(replicas and row["replica_count"]) and any(spec.get(k) != row["spec"].get(k) for k in SPEC_FIELDS)
-    state = "UPDATING" if reload else "CREATING" if replicas and row["state"] == "FAILED" else row["state"]
+    state = "UPDATING" if reload else _settled(row["state"], replicas)
     row = await asyncio.to_thread(store.deployments.update, row["account"], row["id"], spec=spec, state=state,
                                   replica_count=replicas, updated_at=time.time(), message=None)
     control.apply(row)

@@ -148,7 +148,7 @@ class Replicas:
     def _drop(self, name: str, d: _Deployment, notify: bool) -> None:
         model, d.model, d.loading = d.model, None, False
         if model is not None:
-            self._spawn(self._unload, name, model, notify)
+            self._spawn(self._unload, name, d, model, notify)
 
     def _spawn(self, target: Callable, *args: object) -> None:
         self._threads = [t for t in self._threads if t.is_alive()]
@@ -184,11 +184,13 @@ class Replicas:
         self.on_loaded(model)
         self.on_event(name, "ready", None)
 
-    def _unload(self, name: str, model: Model, notify: bool) -> None:
+    def _unload(self, name: str, d: _Deployment, model: Model, notify: bool) -> None:
         deadline = time.monotonic() + DRAIN_S
         while model.admission.active > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         close_model(model)
         log.info("replica unloaded", extra={"model": name})
-        if notify:
+        with self._lock:  # no report when it was scaled up again (or deleted) while this replica drained
+            still_zero = d.replicas == 0 and d.model is None and not d.loading and self._deployments.get(name) is d
+        if notify and still_zero:
             self.on_event(name, "unloaded", None)
