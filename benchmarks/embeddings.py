@@ -1,4 +1,4 @@
-"""Embeddings per second for N short sentences (default 1,000): a running `ember serve --model <encoder folder>`
+"""Embeddings per second for N short sentences (default 1,000): a running `ember serve` (its encoder model)
 through the openai SDK (requests of --batch inputs, --concurrency at once) against the reference computed in
 this process on the same CPU: transformers' AutoModel on the same folder, batches of --batch, mean pooling and
 normalization as sentence-transformers defines them (sentence-transformers itself needs scipy, not installed).
@@ -32,7 +32,8 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 async def ember(url: str, texts: list[str], batch: int, concurrency: int) -> float:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    model = (await client.models.list()).data[0].id
+    # the served encoder (a chat model embeds too, but this compares with the encoder's reference)
+    model = next(m.id for m in (await client.models.list()).data if m.model_extra["capabilities"] == ["embeddings"])
     chunks = [texts[i:i + batch] for i in range(0, len(texts), batch)]
     await client.embeddings.create(model=model, input=chunks[0])  # warm-up
     gate = asyncio.Semaphore(concurrency)
