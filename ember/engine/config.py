@@ -21,6 +21,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per forward pass (prefill chunk budget)
     max_model_len: int | None = None  # defaults to the model's context length
     enable_prefix_caching: bool = True
+    # a sliding-window model's window layers keep only the blocks their window reads (ember.engine.block_manager)
+    sliding_window_kv: bool = True
     seed: int = 0  # base for requests without a seed
     # "prompt-lookup": drafts from each request's own context where they pay (ember.engine.spec); "off": none
     # (a request's prediction still drafts)

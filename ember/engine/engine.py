@@ -19,7 +19,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.loop_thread import LoopThread
 from ember.engine.request import MAX_LOGPROBS, SamplingParams, StepOutput
-from ember.engine.runner import ModelRunner
+from ember.engine.runner import KVLayout, ModelRunner
 from ember.engine.sampler import prompt_logprobs, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
@@ -31,6 +31,7 @@ from ember.models.gemma3 import Gemma3Model
 from ember.models.llama import LlamaModel
 
 if TYPE_CHECKING:
+    from ember.models.config import ModelConfig
     from ember.models.loader import LoadedWeights
 
 log = logging.getLogger("ember.engine")
@@ -123,15 +124,14 @@ class LLMEngine:
         self.device = device
         model_class = MODEL_CLASSES.get(weights.config.architecture, LlamaModel)
         self.model = model_class(weights.config, weights.tensors, device, dtype)
-        per_block = ModelRunner.kv_bytes_per_block(weights.config, config.block_size, dtype)
-        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+        layout, num_blocks, capacity = kv_layout(config, weights.config, dtype)
         self.max_model_len = min(weights.config.max_position_embeddings,
-                                 config.max_model_len or weights.config.max_position_embeddings,
-                                 num_blocks * config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+                                 config.max_model_len or weights.config.max_position_embeddings, capacity)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          layout.window, layout.window_groups)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.eos_token_ids, self.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, layout)
         self.seqs: dict[str, dict[int, Sequence]] = {}  # request id -> sample index -> live sequence
         self.counters = EngineCounters()
         self.last_step: StepPhases | None = None
@@ -150,6 +150,7 @@ class LLMEngine:
         every block is free and empty."""
         seq = Sequence("calibration", [0], 1, SamplingParams(temperature=0))
         seq.block_table = list(range(-(-tokens // self.config.block_size)))
+        seq.window_tables = [seq.block_table] * self.block_manager.window_groups
         start = time.perf_counter()
         sample(self.runner.run([StepItem(seq, 1, [0] * (tokens - 1))]), [seq] * tokens)
         return time.perf_counter() - start
@@ -228,10 +229,10 @@ class LLMEngine:
                              self._generator(seq.params, i), index=i, num_cached_tokens=seq.num_cached_tokens,
                              prompt_logprobs=seq.prompt_logprobs, timings=dataclasses.replace(seq.timings),
                              drafting=self._drafting(seq.params))
-            if seq.num_computed_tokens % self.config.block_size == 0 or self.block_manager.num_free_blocks:
-                copy = self.block_manager.fork(seq, child)
-                if copy:
-                    self.runner.copy_block(*copy)
+            bm = self.block_manager
+            if seq.num_computed_tokens % self.config.block_size == 0 or bm.num_free_blocks >= bm.groups:
+                for source, destination in bm.fork(seq, child):
+                    self.runner.copy_block(source, destination)
             self.scheduler.add_fork(child)
             self.seqs[seq.request_id][i] = child
             children.append(child)
@@ -433,6 +434,26 @@ class AsyncEngine(LoopThread):
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def kv_layout(config: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> tuple[KVLayout, int, int]:
+    """How the KV cache is laid out: (layout, blocks, the longest sequence they hold). A sliding-window model's
+    window layers keep only their window's blocks (ember.engine.block_manager) when that leaves room for a sequence
+    of at least twice the window beside its window groups' blocks; else (or with --no-sliding-window-kv) all
+    layers share each block, as any other model's do."""
+    bs = config.block_size
+    grouped = KVLayout.grouped(model) if config.sliding_window_kv else None
+    for layout in filter(None, (grouped, KVLayout.single(model.num_layers))):
+        per_block = layout.bytes_per_block(model, bs, dtype)
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+        if layout.window_groups == 0:
+            return layout, num_blocks, num_blocks * bs
+        # a window group's blocks for one step: its window behind the first query, the step's tokens, one partial
+        window_blocks = -(-(layout.window - 1 + max(config.max_num_batched_tokens, MAX_DRAFTS + 1)) // bs) + 1
+        capacity = (num_blocks - 1 - layout.window_groups * window_blocks) * bs  # (block 0: the null block)
+        if capacity >= 2 * layout.window:
+            return layout, num_blocks, capacity
+    raise AssertionError("unreachable: the single layout always returns")
 
 
 def build_async_engine(config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> AsyncEngine:

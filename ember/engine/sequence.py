@@ -28,6 +28,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-sequence RNG: same seed, same draws, any batch
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    window_tables: list[list[int]] = field(default_factory=list)  # a sliding-window model's other layer groups
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_hashes: list[bytes] = field(default_factory=list)  # chained SHA-256 digest per full block
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission

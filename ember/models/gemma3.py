@@ -126,11 +126,14 @@ class Gemma3Model:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor,
-                torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states after the final norm, one row per input token."""
+                torch.Tensor]], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        """Hidden states after the final norm, one row per input token. `meta`: one for every layer, or one per
+        layer (its group's blocks, when window layers keep blocks of their own: ember.engine.block_manager)."""
         h = self.embed(input_ids) * self.embed_scale
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            attention = self._attention(layer, self._rms_norm(h, layer.input_norm), positions, k_cache, v_cache, meta)
+        metas = meta if isinstance(meta, list) else [meta] * len(self.layers)
+        for layer, (k_cache, v_cache), layer_meta in zip(self.layers, kv_caches, metas, strict=True):
+            attention = self._attention(layer, self._rms_norm(h, layer.input_norm), positions, k_cache, v_cache,
+                                        layer_meta)
             h = h + self._rms_norm(layer.o(attention), layer.post_attention_norm)
             gate, up = layer.gate_up(self._rms_norm(h, layer.pre_feedforward_norm)).chunk(2, dim=-1)
             h = h + self._rms_norm(layer.down(F.gelu(gate, approximate="tanh") * up), layer.post_feedforward_norm)
