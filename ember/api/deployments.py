@@ -142,6 +142,11 @@ def _idle_s(spec: dict[str, Any]) -> float | None:
     return duration_s(window, "autoscalingPolicy.scaleToZeroWindow")
 
 
+def _first_replicas(spec: dict[str, Any]) -> int:
+    """Replicas a deployment starts with (created or undeleted): its minimum, and at least one when it may have one."""
+    return max(spec.get("minReplicaCount", 0), min(1, spec["maxReplicaCount"]))
+
+
 def _name(row: dict[str, Any]) -> str:
     return f"accounts/{row['account']}/deployments/{row['id']}"
 
@@ -257,7 +262,7 @@ async def create_deployment(account: str, body: DeploymentBody, request: Request
     spec = _spec(body, disableSpeculativeDecoding)
     name, now = f"accounts/{account}/deployments/{deployment_id}", time.time()
     model_spec(control.registry, name, spec)  # a 400 naming baseModel before anything is made
-    replicas = 0 if disableAutoDeploy else max(spec["minReplicaCount"], min(1, spec["maxReplicaCount"]))
+    replicas = 0 if disableAutoDeploy else _first_replicas(spec)
     row = {"account": account, "id": deployment_id, "created_at": now, "updated_at": now, "deleted_at": None,
            "state": "CREATING" if replicas else "READY", "replica_count": replicas, "message": None, "spec": spec}
     if validateOnly:
@@ -354,7 +359,7 @@ async def undelete_deployment(account: str, deployment_id: str, request: Request
         raise RequestError(f"deployment {_name(row)} is not deleted", None, 400, "FAILED_PRECONDITION")
     spec = row["spec"]
     model_spec(control.registry, _name(row), spec)
-    replicas = max(spec.get("minReplicaCount", 0), min(1, spec["maxReplicaCount"]))
+    replicas = _first_replicas(spec)
     row = await asyncio.to_thread(store.deployments.update, row["account"], row["id"], deleted_at=None,
                                   state="CREATING" if replicas else "READY", replica_count=replicas,
                                   updated_at=time.time(), message=None)

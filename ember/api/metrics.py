@@ -13,14 +13,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ember.engine.engine import StepPhases
-from ember.serving.models import Model, ModelRegistry, ServedModel
+from ember.serving.models import FIREWORKS_PREFIX, Model, ModelRegistry, ServedModel
 
 router = APIRouter()
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ENDPOINTS = frozenset({"chat.completions", "completions", "responses", "embeddings", "models", "usage",
                        "engine.stats", "files", "batches"})
-FIREWORKS_PREFIX = "accounts/fireworks/models/"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # (stats key, metric name, help); counters are monotonic engine counters, gauges are read as they are
 COUNTERS = [("prompt_tokens", "ember_prompt_tokens", "prompt tokens computed (not served from the prefix cache)"),

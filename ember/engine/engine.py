@@ -442,18 +442,22 @@ def kv_layout(config: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> t
     of at least twice the window beside its window groups' blocks; else (or with --no-sliding-window-kv) all
     layers share each block, as any other model's do."""
     bs = config.block_size
-    grouped = KVLayout.grouped(model) if config.sliding_window_kv else None
-    for layout in filter(None, (grouped, KVLayout.single(model.num_layers))):
+
+    def blocks(layout: KVLayout) -> int:
         per_block = layout.bytes_per_block(model, bs, dtype)
-        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
-        if layout.window_groups == 0:
-            return layout, num_blocks, num_blocks * bs
+        return config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+
+    grouped = KVLayout.grouped(model) if config.sliding_window_kv else None
+    if grouped is not None:
+        num_blocks = blocks(grouped)
         # a window group's blocks for one step: its window behind the first query, the step's tokens, one partial
-        window_blocks = -(-(layout.window - 1 + max(config.max_num_batched_tokens, MAX_DRAFTS + 1)) // bs) + 1
-        capacity = (num_blocks - 1 - layout.window_groups * window_blocks) * bs  # (block 0: the null block)
-        if capacity >= 2 * layout.window:
-            return layout, num_blocks, capacity
-    raise AssertionError("unreachable: the single layout always returns")
+        window_blocks = -(-(grouped.window - 1 + max(config.max_num_batched_tokens, MAX_DRAFTS + 1)) // bs) + 1
+        capacity = (num_blocks - 1 - grouped.window_groups * window_blocks) * bs  # (block 0: the null block)
+        if capacity >= 2 * grouped.window:
+            return grouped, num_blocks, capacity
+    single = KVLayout.single(model.num_layers)
+    num_blocks = blocks(single)
+    return single, num_blocks, num_blocks * bs
 
 
 def build_async_engine(config: EngineConfig, weights: LoadedWeights, eos_token_ids: list[int]) -> AsyncEngine:

@@ -73,10 +73,6 @@ class ModelRunner:
         ]
         self.kv_caches = [self._slots[s] for s in self.layout.layer_slots]  # per layer: its slot of any block
 
-    @staticmethod
-    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        return KVLayout.single(config.num_layers).bytes_per_block(config, block_size, dtype)
-
     def copy_block(self, source: int, destination: int) -> None:
         for k, v in self._slots:
             k[destination] = k[source]

@@ -49,7 +49,6 @@ class Replicas:
                  on_loaded: Callable[[Model], None] = lambda _: None) -> None:
         self._lock = threading.Lock()
         self._deployments: dict[str, _Deployment] = {}
-        self._threads: list[threading.Thread] = []
         self.on_event, self.on_loaded = on_event, on_loaded
 
     def set(self, name: str, spec: ModelSpec, replicas: int, max_replicas: int, idle_s: float | None) -> None:
@@ -104,9 +103,9 @@ class Replicas:
         with self._lock:
             return [d.model for d in self._deployments.values() if d.model is not None and not d.loading]
 
-    def reap(self) -> list[str]:
-        """Unload replicas idle for longer than their window; the names of those scaled to zero."""
-        now, idle = time.monotonic(), []
+    def reap(self) -> None:
+        """Unload replicas idle for longer than their window."""
+        now = time.monotonic()
         with self._lock:
             for name, d in self._deployments.items():
                 busy = d.model is not None and d.model.admission.active > 0
@@ -115,8 +114,6 @@ class Replicas:
                 elif d.model is not None and not d.loading and d.idle_s is not None and now - d.last_used > d.idle_s:
                     d.replicas = 0
                     self._converge(name, d, False)
-                    idle.append(name)
-        return idle
 
     def close(self) -> None:
         """Stop every replica now (the server is stopping: its HTTP side has drained already)."""
@@ -127,12 +124,6 @@ class Replicas:
             self._deployments.clear()
         for model in models:
             close_model(model)
-
-    def join(self, timeout: float = 60.0) -> None:
-        """Wait for the loads and unloads under way (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- under the lock ------------------------------------------------------------------------------------------
 
@@ -151,10 +142,7 @@ class Replicas:
             self._spawn(self._unload, name, d, model, notify)
 
     def _spawn(self, target: Callable, *args: object) -> None:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        thread = threading.Thread(target=target, args=args, name="ember-replica", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        threading.Thread(target=target, args=args, name="ember-replica", daemon=True).start()
 
     # -- on a thread of their own --------------------------------------------------------------------------------
 

